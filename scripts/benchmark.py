@@ -1,0 +1,227 @@
+"""Benchmark pruned vs unpruned inference: GFLOPs on the executed graph, token sparsity, latency,
+throughput and peak memory, at batch 1 and a larger batch, on CPU or GPU.
+
+Every configuration is built from the project's Hydra configs (random weights: selection depends on
+weights only for fixed thresholds; percentile keep counts do not) and fed the same phantom images with
+their tight boxes. Each pruning config is run in every requested execution mode (``drop``, ``mask``),
+next to ``none``; ratios are pruned / unpruned, for the whole model and for the part pruning touches.
+The PrATo scoring itself (the pruner call at each pruning point) is timed separately.
+
+Example::
+
+    python scripts/benchmark.py --model unetr_small --pruning percentile25 percentile50 percentile75 \\
+        --modes drop mask --batch-sizes 1 8 --out docs/results/benchmark_unetr_small_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from prato_exp.cli.common import CONFIG_DIR, build_net, environment
+from prato_exp.data.phantoms import SyntheticCardiacSource
+from prato_exp.data.prompts import BoxPrompter
+from prato_exp.data.transforms import resize_pair
+from prato_exp.metrics.efficiency import count_flops, measure_latency
+
+
+def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, SyntheticCardiacSource]:
+    """``count`` cardiac phantoms resized to ``size`` with their tight boxes: ``(N,1,S,S)``, ``(N,4)``."""
+    source = SyntheticCardiacSource(num_val=count, size=128, seed=123)
+    prompter = BoxPrompter(condition="tight")
+    images, boxes = [], []
+    for case_id in source.split_ids()["val"]:
+        case = source.load_case(case_id)
+        image, label = resize_pair(case.image[:, 0], case.label[0], size)
+        images.append(image)
+        boxes.append(torch.as_tensor(prompter(label.numpy(), case_id, 0)[0]))
+    return torch.stack(images), torch.stack(boxes), source
+
+
+def build(model: str, pruning: str, mode: str | None, size: int, source, extra: list[str]) -> nn.Module:
+    """A network from the configs ``model=<model> pruning=<pruning>`` (``pruning.mode=<mode>``)."""
+    overrides = [f"model={model}", f"pruning={pruning}", f"model.img_size={size}", *extra]
+    if mode is not None:
+        overrides.append(f"pruning.mode={mode}")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    torch.manual_seed(0)
+    return build_net(cfg.model, source).eval()
+
+
+def time_pruners(net: nn.Module, image, box, warmup: int, repeats: int, device) -> float:
+    """Median ms of all pruner calls of one forward pass (the scoring and selection cost alone)."""
+    calls: list[tuple[nn.Module, tuple, dict]] = []
+
+    def capture(module, args, kwargs):
+        calls.append((module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+
+    handles = [p.register_forward_pre_hook(capture, with_kwargs=True) for p in net.pruners.values()]
+    with torch.no_grad():
+        net(image, box)
+    for handle in handles:
+        handle.remove()
+
+    def run() -> None:
+        for module, args, kwargs in calls:
+            module(*args, **kwargs)
+
+    with torch.no_grad():
+        return measure_latency(run, warmup=warmup, repeats=repeats, device=device).median_ms
+
+
+def mean_sparsity(net: nn.Module, image, box) -> float:
+    with torch.no_grad():
+        sparsity = net(image, box).trace.sparsity()
+    return 0.0 if sparsity is None else float(sparsity.mean())
+
+
+def measure(
+    net: nn.Module, images, boxes, batch_sizes: list[int], warmup: int, repeats: int, device
+) -> dict[str, Any]:
+    """FLOPs (batch 1, mean over the images), sparsity and per-batch-size latency of one network."""
+    net.to(device)
+    reports = [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
+    part = net.pruned_part()
+    row: dict[str, Any] = {
+        "gflops": statistics.fmean(r.total_flops for r in reports) / 1e9,
+        "part_gflops": statistics.fmean(r.flops_under(part) for r in reports) / 1e9,
+        "sparsity": mean_sparsity(net, images[:1], boxes[:1]),
+    }
+    for bs in batch_sizes:
+        reps = -(-bs // len(images))
+        x, b = images.repeat(reps, 1, 1, 1)[:bs], boxes.repeat(reps, 1)[:bs]
+        with torch.no_grad():
+            lat = measure_latency(lambda x=x, b=b: net(x, b), warmup=warmup, repeats=repeats, device=device)
+        row[f"ms_b{bs}"] = lat.median_ms
+        row[f"img_per_s_b{bs}"] = bs / (lat.median_ms / 1e3)
+        row[f"peak_mb_b{bs}"] = lat.peak_memory_mb
+        if any(p.active for p in net.pruners.values()):
+            row[f"prune_ms_b{bs}"] = time_pruners(net, x, b, warmup, repeats, device)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="unetr_small")
+    parser.add_argument("--pruning", nargs="+", default=["percentile25", "percentile50", "percentile75"])
+    parser.add_argument("--modes", nargs="+", default=["drop", "mask"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=4, help="phantom images for FLOP averaging")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.prune_after=[3,6,9]"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output prefix for .json/.csv/.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    images, boxes, source = phantom_batch(args.input_size, args.images)
+    images, boxes = images.to(device), boxes.to(device)
+    runs: list[tuple[str, str | None]] = [("none", None)]
+    runs += [(p, m) for p in args.pruning for m in args.modes]
+    rows = []
+    started = time.time()
+    for pruning, mode in runs:
+        net = build(args.model, pruning, mode, args.input_size, source, args.override)
+        row = {"model": args.model, "pruning": pruning, "mode": mode or "-"}
+        row.update(measure(net, images, boxes, args.batch_sizes, args.warmup, args.repeats, device))
+        rows.append(row)
+        print(f"done {pruning} {mode or ''} ({time.time() - started:.0f} s)", flush=True)
+    add_ratios(rows, args.batch_sizes)
+    table = markdown_table(rows, args.batch_sizes)
+    print(table)
+    if args.out:
+        write_outputs(args, rows, table)
+
+
+def add_ratios(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
+    """Pruned / unpruned ratios of FLOPs and time, whole model and pruned part; scoring overhead."""
+    base = rows[0]
+    for row in rows:
+        row["flop_ratio"] = row["gflops"] / base["gflops"]
+        row["part_flop_ratio"] = row["part_gflops"] / base["part_gflops"]
+        for bs in batch_sizes:
+            row[f"time_ratio_b{bs}"] = row[f"ms_b{bs}"] / base[f"ms_b{bs}"]
+            if f"prune_ms_b{bs}" in row:
+                row[f"prune_overhead_b{bs}"] = row[f"prune_ms_b{bs}"] / base[f"ms_b{bs}"]
+
+
+def markdown_table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+    cols: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("pruning", "pruning", str),
+        ("mode", "mode", str),
+        ("GFLOPs", "gflops", "{:.3f}".format),
+        ("FLOP ratio", "flop_ratio", "{:.3f}".format),
+        ("part FLOP ratio", "part_flop_ratio", "{:.3f}".format),
+        ("sparsity", "sparsity", "{:.3f}".format),
+    ]
+    for bs in batch_sizes:
+        cols += [
+            (f"ms b{bs}", f"ms_b{bs}", "{:.1f}".format),
+            (f"time ratio b{bs}", f"time_ratio_b{bs}", "{:.3f}".format),
+            (f"img/s b{bs}", f"img_per_s_b{bs}", "{:.1f}".format),
+            (f"peak MB b{bs}", f"peak_mb_b{bs}", "{:.0f}".format),
+            (f"scoring/unpruned b{bs}", f"prune_overhead_b{bs}", "{:.2%}".format),
+        ]
+    lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [fmt(row[key]) if key in row and row[key] is not None else "-" for _, key, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: str) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    command = "python scripts/benchmark.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if v not in (None, []) and k != "out"
+    )
+    meta = {"command": command, "environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    with args.out.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = [
+        f"# Benchmark: {args.model}",
+        "",
+        f"- command: `{command}`",
+        f"- commit: {env['commit']}; torch {env['torch']}; {env['threads']} threads; device {args.device}"
+        + (f" ({env['cuda']})" if env["cuda"] else ""),
+        f"- machine: {env['machine']}",
+        f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight boxes, random init",
+        "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
+        " part = the blocks after the first pruning point; ratios are pruned / unpruned (`none`);"
+        f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs;"
+        " scoring/unpruned = the pruner calls alone / the unpruned model's time",
+        "",
+        table,
+        "",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(header))
+    print(f"wrote {args.out}.{{json,csv,md}}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Pieces shared by ``train.py`` and ``eval.py``: building a run from its config and writing results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from prato_exp.data.base import SegSource
+from prato_exp.lightning.datamodule import EvalSlices, SegDataModule
+from prato_exp.metrics.efficiency import count_flops, measure_latency
+from prato_exp.pruning.base import pruning_disabled
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def build_datamodule(cfg: DictConfig) -> SegDataModule:
+    """The datamodule of ``cfg``: its dataset source, box prompter and augmentation."""
+    make_datamodule = instantiate(cfg.datamodule, _partial_=True)
+    return make_datamodule(
+        source=instantiate(cfg.dataset),
+        prompter=instantiate(cfg.prompt),
+        augment=list(instantiate(cfg.augment.transforms)),
+    )
+
+
+def build_net(model_cfg: DictConfig, source: SegSource) -> nn.Module:
+    """The network of ``model_cfg`` sized for ``source``'s channels and classes."""
+    return instantiate(model_cfg, in_channels=source.in_channels, out_channels=source.num_classes)
+
+
+def prepare_run_dir(run_dir: str | Path) -> Path:
+    """Create the run folder; refuse one that already holds results, so no run overwrites another."""
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run (metrics.json); choose a new folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, name: str) -> Any:
+    """The experiment logger of ``cfg.logger`` writing under ``run_dir``, or None for ``logger=none``."""
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return None
+    target = cfg.logger._target_
+    kwargs: dict[str, Any] = {"save_dir": str(run_dir)}
+    if target.endswith("WandbLogger"):
+        kwargs["name"] = name
+        kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return instantiate(cfg.logger, _partial_=True)(**kwargs)
+
+
+@torch.no_grad()
+def efficiency_report(
+    net: nn.Module, eval_set: EvalSlices, flop_images: int, warmup: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """FLOPs (executed graph, batch 1, averaged over up to ``flop_images`` images) and latency.
+
+    Latency is the median over ``repeats`` batch-1 forward passes of the first image, after ``warmup``.
+    For a pruned model the same weights are also measured with pruning off, and the ratios of the
+    whole model and of the part pruning touches (the blocks after the first pruning point) are given.
+    """
+    was_training = net.training
+    net.eval().to(device)
+    count = min(flop_images, len(eval_set))
+    step = max(1, len(eval_set) // max(count, 1))
+    samples = [eval_set[i * step] for i in range(count)]
+    inputs = [tuple(s[k][None].to(device) for k in ("image", "box_xyxy", "prune_enabled")) for s in samples]
+    part = net.pruned_part()
+
+    def flops_of(model: nn.Module) -> tuple[float, float]:
+        reports = [count_flops(model, *args) for args in inputs]
+        total = sum(r.total_flops for r in reports) / len(reports)
+        return total, sum(r.flops_under(part) for r in reports) / len(reports)
+
+    def latency_of(model: nn.Module) -> dict[str, Any]:
+        return measure_latency(
+            lambda: model(*inputs[0]), warmup=warmup, repeats=repeats, device=device
+        ).to_dict()
+
+    flops, part_flops = flops_of(net)
+    report = {
+        "gflops_per_image": flops / 1e9,
+        "gmacs_per_image": flops / 2e9,
+        "pruned_part_gflops": part_flops / 1e9,
+        "flop_convention": "FlopCounterMode, executed graph, eval mode, batch 1; multiply-add = 2 FLOPs",
+        "flop_images": count,
+        "latency": latency_of(net),
+        "device": str(device),
+        "params_million": sum(p.numel() for p in net.parameters()) / 1e6,
+    }
+    if any(p.active for p in net.pruners.values()):
+        with pruning_disabled(net) as unpruned:
+            base_flops, base_part = flops_of(unpruned)
+            report["unpruned"] = {
+                "gflops_per_image": base_flops / 1e9,
+                "pruned_part_gflops": base_part / 1e9,
+                "latency": latency_of(unpruned),
+            }
+        report["flop_ratio"] = flops / base_flops
+        report["pruned_part_flop_ratio"] = part_flops / base_part if base_part else None
+        report["latency_ratio"] = report["latency"]["median_ms"] / report["unpruned"]["latency"]["median_ms"]
+    net.train(was_training)
+    return report
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if any."""
+    try:
+        root = Path(__file__).resolve().parents[3]
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Machine facts that a timing needs beside it."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": platform.platform(),
+        "commit": git_commit(),
+    }
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as JSON (NaN/inf as null, since JSON has neither)."""
+    path.write_text(json.dumps(_clean(payload), indent=2, default=str))
+    log.info("wrote %s", path)
+    return path

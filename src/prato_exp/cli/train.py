@@ -1,0 +1,127 @@
+"""``python train.py [overrides]``: train, select the best checkpoint, evaluate, write ``metrics.json``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from prato_exp.cli.common import (
+    CONFIG_DIR,
+    build_datamodule,
+    build_logger,
+    build_net,
+    efficiency_report,
+    environment,
+    prepare_run_dir,
+    write_json,
+)
+from prato_exp.lightning.module import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one training job described by ``cfg`` into ``run_dir``; return what ``metrics.json`` holds."""
+    run_dir = prepare_run_dir(run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    source = datamodule.source
+    datamodule.write_split_ids(run_dir)
+    module = SegmentationModule(
+        net=build_net(cfg.model, source),
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        class_names=source.class_names,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-{epoch:03d}",
+        monitor=cfg.checkpoint.monitor,
+        mode=cfg.checkpoint.mode,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    logger = build_logger(cfg, run_dir, name=run_dir.name)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), logger=logger or False, callbacks=[checkpoint]
+    )
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - started
+    best = checkpoint.best_model_path or None
+    if best is None:
+        log.warning("no checkpoint was saved (fast_dev_run?): evaluating the final weights")
+
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "choices": _choices(cfg),
+        "seed": cfg.seed,
+        "best_checkpoint": best,
+        "train_seconds": train_seconds,
+        "epochs_run": trainer.current_epoch,
+        "splits": {k: len(v) for k, v in source.split_ids().items()},
+        "environment": environment(),
+    }
+    eval_kwargs = {"datamodule": datamodule, "ckpt_path": best, "verbose": False}
+    trainer.validate(module, **eval_kwargs)
+    results["val"] = module.last_metrics["val"]
+    results["per_case"] = {"val": module.last_per_case["val"]}
+    if cfg.run_test and datamodule.has_test:
+        trainer.test(module, **eval_kwargs)
+        results["test"] = module.last_metrics["test"]
+        results["per_case"]["test"] = module.last_per_case["test"]
+    else:
+        results["test"] = None
+        results["note"] = "no test split here (or run_test=false): the reported figures are validation"
+
+    split = "test" if results["test"] is not None else "val"
+    device = module.device if trainer.strategy.root_device.type != "cpu" else torch.device("cpu")
+    results["efficiency"] = efficiency_report(
+        module.net,
+        datamodule.eval_set(split),
+        cfg.efficiency.flop_images,
+        cfg.efficiency.latency_warmup,
+        cfg.efficiency.latency_repeats,
+        device,
+    )
+    if logger is not None:
+        eff = results["efficiency"]
+        logger.log_metrics(
+            {"eff/gflops": eff["gflops_per_image"], "eff/latency_ms": eff["latency"]["median_ms"]}
+        )
+        logger.finalize("success")
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", results)
+    return results
+
+
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    """Which file of each config group this run used (from Hydra when it ran the job)."""
+    if HydraConfig.initialized():
+        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    return {}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``prato-train``."""
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""One LightningDataModule for every dataset: a source, a box prompter and augmentation.
+
+Training yields augmented 2-D slices; validation and test yield every slice of every case of the
+split, with the original-resolution mask kept so that metrics are computed after resizing the
+prediction back. Every batch carries ``box_xyxy`` ``(B, 4)`` in input pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from prato_exp.data.base import SegSource, SliceRef
+from prato_exp.data.prompts import BoxPrompter
+from prato_exp.data.transforms import JointAugment, resize_pair
+
+log = logging.getLogger(__name__)
+
+
+def _prompt_fields(prompter: BoxPrompter, label: Tensor, image_id: str, slice_index: int, rng) -> dict:
+    box, is_empty = prompter(label.numpy(), image_id, slice_index, train_rng=rng)
+    return {
+        "box_xyxy": torch.as_tensor(box, dtype=torch.float32),
+        "empty_prompt": torch.tensor(bool(is_empty)),
+        "prune_enabled": torch.tensor(not (is_empty and prompter.skip_pruning_on_empty)),
+    }
+
+
+class TrainSlices(Dataset):
+    """Augmented 2-D training slices with their box prompts."""
+
+    def __init__(self, source: SegSource, input_size: int, prompter: BoxPrompter, augment: JointAugment):
+        self.source = source
+        self.refs: list[SliceRef] = source.train_slices()
+        self.input_size = input_size
+        self.prompter = prompter
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.refs[index]
+        image, label = resize_pair(*self.source.load_slice(ref), self.input_size)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        image, label = self.augment(image, label, seed)
+        rng = np.random.default_rng(seed)
+        sample = {"image": image, "label": label, "case_id": ref.case_id, "slice_index": ref.slice_index}
+        sample.update(_prompt_fields(self.prompter, label, ref.case_id, ref.slice_index, rng))
+        return sample
+
+
+class EvalSlices(Dataset):
+    """Every slice of every case of an evaluation split, resized, with the original mask kept."""
+
+    def __init__(self, source: SegSource, case_ids: list[str], input_size: int, prompter: BoxPrompter):
+        self.source = source
+        self.input_size = input_size
+        self.prompter = prompter
+        self.cases = {case_id: source.load_case(case_id) for case_id in case_ids}
+        self.index = [(cid, z) for cid, case in self.cases.items() for z in range(case.num_slices)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case_id, z = self.index[index]
+        case = self.cases[case_id]
+        image, label = resize_pair(case.image[:, z], case.label[z], self.input_size)
+        sample = {
+            "image": image,
+            "label": label,
+            "label_orig": torch.as_tensor(case.label[z], dtype=torch.int64),
+            "spacing_hw": case.spacing_hw,
+            "case_id": case_id,
+            "slice_index": z,
+        }
+        sample.update(_prompt_fields(self.prompter, label, case_id, z, None))
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors of equal shape; keep per-sample lists for ids, spacings and original masks."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key != "label_orig" and isinstance(values[0], Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class SegDataModule(pl.LightningDataModule):
+    """Loaders for one dataset source.
+
+    Args:
+        source: the dataset (layout and splits).
+        prompter: derives the box prompt of each slice (training jitter, evaluation condition).
+        augment: joint image/mask augmentation for training (an empty list for none).
+        input_size: square network input side in pixels.
+        batch_size: training batch size (evaluation uses ``eval_batch_size``).
+        num_workers: loader worker processes (0 loads in the main process).
+    """
+
+    def __init__(
+        self,
+        source: SegSource,
+        prompter: BoxPrompter,
+        augment: list | None = None,
+        input_size: int = 224,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.prompter = prompter
+        self.augment = JointAugment(augment)
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._splits = source.split_ids()
+        self._eval: dict[str, EvalSlices] = {}
+        self.train_set: TrainSlices | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.source.in_channels
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self._splits.get("test"))
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = TrainSlices(self.source, self.input_size, self.prompter, self.augment)
+            log.info("%s; %d training slices", self.source.describe(), len(self.train_set))
+
+    def eval_set(self, split: str) -> EvalSlices:
+        """The evaluation dataset of ``split`` (``val`` or ``test``), loaded once."""
+        if split not in self._eval:
+            ids = self._splits.get(split) or []
+            if not ids:
+                raise ValueError(f"{self.source.name} has no '{split}' split here")
+            self._eval[split] = EvalSlices(self.source, ids, self.input_size, self.prompter)
+        return self._eval[split]
+
+    def write_split_ids(self, folder: str | Path) -> Path:
+        """Write the case ids of every split to ``folder/splits.json`` (the run's record)."""
+        path = Path(folder) / "splits.json"
+        path.write_text(json.dumps(self._splits, indent=1))
+        return path
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_set("test"), self.eval_batch_size, shuffle=False)

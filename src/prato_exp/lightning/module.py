@@ -1,0 +1,144 @@
+"""The LightningModule: a prunable segmentation network, Dice-CE loss and the paper's metrics.
+
+The network is a plain ``nn.Module`` returning :class:`~prato_exp.models.unetr.SegOutput`
+(logits and a pruning trace); this module adds the loss (paper Eq. 14-16 plus any auxiliary loss a
+pruner returns), the optimiser, and the evaluation at original resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prato_exp.metrics.segmentation import SegmentationMeter, foreground_token_recall
+from prato_exp.models.unetr import SegOutput
+
+
+class SegmentationModule(pl.LightningModule):
+    """Train and evaluate a prunable segmentation network.
+
+    Args:
+        net: the network, ``net(image, box_xyxy, prune_enabled) -> SegOutput``.
+        loss: the task loss on ``(logits (B,K,H,W), target (B,1,H,W))``, e.g. MONAI ``DiceCELoss``.
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
+        scheduler: ``optimizer -> LRScheduler`` (Hydra ``_partial_``) or None.
+        class_names: foreground class names, in label order.
+        run_config: the composed run configuration, stored in checkpoints so that ``eval.py`` can
+            rebuild the same model.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        class_names: Sequence[str] = (),
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names) + 1
+        self.run_config = run_config or {}
+        self.meters = {split: self._new_meter() for split in ("val", "test")}
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self._token_stats: dict[str, list[Tensor]] = {}
+
+    def _new_meter(self) -> SegmentationMeter:
+        return SegmentationMeter(num_classes=self.num_classes, class_names=self.class_names)
+
+    def forward(self, image: Tensor, box_xyxy: Tensor, prune_enabled: Tensor | None = None) -> SegOutput:
+        return self.net(image, box_xyxy, prune_enabled)
+
+    def model_step(self, batch: dict[str, Any]) -> tuple[Tensor, SegOutput, dict[str, Tensor]]:
+        """Forward one batch; return the total loss, the output and every named loss term."""
+        out = self(batch["image"], batch["box_xyxy"], batch["prune_enabled"])
+        losses = {"dice_ce": self.loss_fn(out.logits, batch["label"][:, None])}
+        losses.update(out.trace.aux_losses())
+        return sum(losses.values()), out, losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, out, losses = self.model_step(batch)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        sparsity = out.trace.sparsity()
+        if sparsity is not None:
+            self.log("train/sparsity", sparsity.mean(), batch_size=bs)
+        return total
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        total, out, _ = self.model_step(batch)
+        bs = batch["image"].shape[0]
+        self.log(f"{split}/loss", total, batch_size=bs, sync_dist=True)
+        meter = self.meters[split]
+        for i, target in enumerate(batch["label_orig"]):
+            logits = F.interpolate(out.logits[i : i + 1].float(), size=target.shape, mode="bilinear")
+            meter.update(
+                batch["case_id"][i],
+                batch["slice_index"][i],
+                logits.argmax(1)[0].cpu(),
+                target.cpu(),
+                batch["spacing_hw"][i],
+            )
+        self._collect_token_stats(out, batch, split)
+
+    def _collect_token_stats(self, out: SegOutput, batch: dict[str, Any], split: str) -> None:
+        trace = out.trace
+        sparsity = trace.sparsity()
+        if sparsity is None:
+            return
+        stats = self._token_stats
+        stats.setdefault(f"{split}/sparsity", []).append(sparsity.detach().cpu())
+        for point, keep in enumerate(trace.keep_grids):
+            pruned = 1.0 - keep.float().mean(dim=1)
+            stats.setdefault(f"{split}/sparsity_point{point}", []).append(pruned.detach().cpu())
+        h, w = self.net.grid_hw
+        keep_grid = trace.keep_grids[-1].view(-1, h, w)
+        recall = foreground_token_recall(keep_grid.cpu(), batch["label"].cpu())
+        stats.setdefault(f"{split}/fg_token_recall", []).append(recall)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _end_eval_epoch(self, split: str) -> None:
+        meter = self.meters[split]
+        metrics = {f"{split}/{k}": float(v) for k, v in meter.compute().items()}
+        for key, values in self._token_stats.items():
+            if key.startswith(f"{split}/"):
+                metrics[key] = float(torch.nanmean(torch.cat(values)))
+        self._token_stats = {k: v for k, v in self._token_stats.items() if not k.startswith(f"{split}/")}
+        loggable = {k: v for k, v in metrics.items() if "/counts/" not in k}
+        self.log_dict(loggable, sync_dist=True)
+        self.last_metrics[split] = metrics
+        self.last_per_case = {split: meter.per_case()}
+        self.meters[split] = self._new_meter()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval_epoch("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["prato_run_config"] = self.run_config

@@ -1,0 +1,198 @@
+"""Run the blocks of a plain (non-hierarchical) ViT with token pruning between them.
+
+Shared by UNETR and TransUNet: the backbone wrapper embeds the patches, hands its blocks to
+:func:`run_pruned_blocks`, and gets back the grid-shaped hidden states its decoder reads. The pruner
+is called at each pruning point without knowing the backbone; its keep mask is executed according
+to ``pruner.mode`` (see :mod:`prato_exp.pruning.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
+from prato_exp.pruning.base import PruneResult, TokenPruner
+
+BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
+"""``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
+
+
+@dataclass
+class PruningTrace:
+    """What pruning did in one forward pass, for the loss, the logs and the plots.
+
+    Attributes:
+        results: the pruner's result at each pruning point, in order.
+        keep_grids: ``(B, Z)`` bool per pruning point, grid places still alive after it.
+        block_keep_fraction: ``(B, depth)`` fraction of grid tokens alive at the input of each block
+            (1-based block ``i`` is column ``i - 1``).
+        first_pruned_block: 1-based index of the first block that runs after a pruning point
+            (``depth + 1`` when nothing was pruned).
+    """
+
+    results: list[PruneResult] = field(default_factory=list)
+    keep_grids: list[Tensor] = field(default_factory=list)
+    block_keep_fraction: Tensor | None = None
+    first_pruned_block: int = 0
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Auxiliary losses of every pruning point, named ``<loss>`` or ``<loss>_<point>``."""
+        losses: dict[str, Tensor] = {}
+        for point, result in enumerate(self.results):
+            for name, value in result.aux_losses.items():
+                losses[name if len(self.results) == 1 else f"{name}_{point}"] = value
+        return losses
+
+    def sparsity(self) -> Tensor | None:
+        """``(B,)`` fraction of grid tokens pruned, averaged over the blocks after the first point."""
+        if self.block_keep_fraction is None or not self.results:
+            return None
+        after = self.block_keep_fraction[:, self.first_pruned_block - 1 :]
+        return 1.0 - after.mean(dim=1)
+
+
+@dataclass
+class EncoderOutput:
+    """Grid-shaped hidden states of a pruned plain-ViT encoder.
+
+    Attributes:
+        skips: 1-based block index -> ``(B, Z, C)`` hidden state read after that block (and after
+            pruning, where the block is a pruning point), pruned places filled per ``fill``.
+        final: ``(B, Z, C)`` the last block's output after the final norm, on the grid.
+        trace: what pruning did.
+    """
+
+    skips: dict[int, Tensor]
+    final: Tensor
+    trace: PruningTrace
+
+
+def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
+    """Run a MONAI ``TransformerBlock``; its einsum attention takes a ``(B, N)`` bool keep mask."""
+    return block(tokens, attn_mask=key_keep)
+
+
+def run_pruned_blocks(
+    tokens: Tensor,
+    blocks: Sequence[nn.Module],
+    norm: nn.Module,
+    pruners: Mapping[int, TokenPruner],
+    skip_blocks: Sequence[int],
+    grid_hw: tuple[int, int],
+    image_hw: tuple[int, int],
+    box_xyxy: Tensor | None,
+    prune_enabled: Tensor | None = None,
+    run_block: BlockRunner = monai_block_runner,
+) -> EncoderOutput:
+    """Run ``blocks`` on ``tokens`` ``(B, Z, C)``, pruning after each 1-based block in ``pruners``.
+
+    Args:
+        tokens: patch embeddings with positions added, ``(B, Z, C)``, row-major on ``grid_hw``.
+        blocks: the transformer blocks, in order.
+        norm: the final norm (applied to the last block's output before it goes on the grid).
+        pruners: 1-based block index -> pruner run on that block's output. Inactive pruners
+            (the ``none`` pruner) are skipped, so the unpatched computation runs unchanged.
+        skip_blocks: 1-based block indices whose outputs the decoder reads.
+        grid_hw: token grid ``(h, w)``.
+        image_hw: network input ``(H, W)``; boxes are in these pixels.
+        box_xyxy: ``(B, 4)`` box prompt per image (None only when no pruner is active).
+        prune_enabled: ``(B,)`` bool; False exempts an image from pruning (empty-slice
+            ``no_pruning`` fallback). All True when None.
+        run_block: how to call one block with an optional ``(B, N)`` key keep mask.
+    """
+    num_grid = tokens.shape[1]
+    depth = len(blocks)
+    active = {i: p for i, p in pruners.items() if p.active}
+    if active and box_xyxy is None:
+        raise ValueError("a box prompt (box_xyxy) is required when a pruner is active")
+    alive = AliveTokens.full_grid(tokens)
+    grid_alive = alive.valid.clone()
+    carry = tokens.new_zeros(tokens.shape) if any(p.fill == "carry" for p in active.values()) else None
+    key_keep: Tensor | None = None
+    mode = next(iter(active.values())).mode if active else "drop"
+    if len({p.mode for p in active.values()}) > 1:
+        raise ValueError("all pruning points of one model must share one mode")
+
+    trace = PruningTrace(first_pruned_block=min(active, default=depth) + 1)
+    keep_fraction = []
+    skips: dict[int, Tensor] = {}
+
+    def on_grid(values: AliveTokens, fill: Tensor | None) -> Tensor:
+        if mode == "drop":
+            return scatter_to_grid(values, num_grid, fill)
+        grid = values.tokens * grid_alive[..., None].to(values.tokens.dtype)
+        if fill is not None:
+            grid = torch.where(grid_alive[..., None], grid, fill)
+        return grid
+
+    for index, block in enumerate(blocks, start=1):
+        keep_fraction.append(grid_alive.sum(dim=1).to(tokens.dtype) / num_grid)
+        out = run_block(block, alive.tokens, key_keep)
+        if mode == "mask" and key_keep is not None:
+            out = out * key_keep[..., None].to(out.dtype)
+        alive = AliveTokens(out, alive.positions, alive.valid)
+
+        pruner = active.get(index)
+        if pruner is not None:
+            if carry is not None:
+                carry = on_grid(alive, carry)
+            alive, grid_alive, key_keep = _apply_pruner(
+                pruner, alive, grid_alive, grid_hw, image_hw, box_xyxy, prune_enabled, trace
+            )
+        if index in skip_blocks:
+            skips[index] = on_grid(alive, carry)
+
+    normed = AliveTokens(norm(alive.tokens), alive.positions, alive.valid)
+    final = on_grid(normed, norm(carry) if carry is not None else None)
+    trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
+    return EncoderOutput(skips=skips, final=final, trace=trace)
+
+
+def _apply_pruner(
+    pruner: TokenPruner,
+    alive: AliveTokens,
+    grid_alive: Tensor,
+    grid_hw: tuple[int, int],
+    image_hw: tuple[int, int],
+    box_xyxy: Tensor,
+    prune_enabled: Tensor | None,
+    trace: PruningTrace,
+) -> tuple[AliveTokens, Tensor, Tensor | None]:
+    """Score, select and execute one pruning point. Returns the new alive set, grid keep, key mask."""
+    num_grid = grid_alive.shape[1]
+    if pruner.mode == "drop":
+        result = pruner(
+            alive.tokens, grid_hw, box_xyxy, image_hw, positions=alive.positions, valid=alive.valid
+        )
+    else:
+        result = pruner(alive.tokens, grid_hw, box_xyxy, image_hw, valid=grid_alive)
+    keep, scale = result.keep, result.token_scale
+    if prune_enabled is not None:
+        exempt = ~prune_enabled.to(torch.bool)[:, None]
+        keep = torch.where(exempt, alive.valid if pruner.mode == "drop" else grid_alive, keep)
+        if scale is not None:
+            scale = torch.where(exempt, torch.ones_like(scale), scale)
+        result.keep = keep
+    tokens = alive.tokens if scale is None else alive.tokens * scale[..., None].to(alive.tokens.dtype)
+
+    if pruner.mode == "drop":
+        kept = gather_kept(AliveTokens(tokens, alive.positions, alive.valid), keep)
+        new_grid_alive = keep_on_grid(kept, num_grid)
+        key_keep = None if bool(kept.valid.all()) else kept.valid
+    elif pruner.mode == "mask":
+        new_grid_alive = keep & grid_alive
+        kept = AliveTokens(tokens * new_grid_alive[..., None].to(tokens.dtype), alive.positions, alive.valid)
+        key_keep = new_grid_alive
+    else:  # zero_once: the paper's literal Y' = beta * Y; later blocks run on (and may refill) all
+        zeroed = keep & grid_alive
+        kept = AliveTokens(tokens * zeroed[..., None].to(tokens.dtype), alive.positions, alive.valid)
+        trace.results.append(result)
+        trace.keep_grids.append(zeroed)
+        return kept, grid_alive, None
+    trace.results.append(result)
+    trace.keep_grids.append(new_grid_alive)
+    return kept, new_grid_alive, key_keep

@@ -1,0 +1,75 @@
+"""Tensor helpers that move tokens between the full grid and the set of alive tokens.
+
+A plain-ViT backbone keeps three tensors while it runs pruned blocks:
+``tokens`` ``(B, N, C)``, their grid ``positions`` ``(B, N)`` long, and ``valid`` ``(B, N)`` bool
+(False on padding slots). At the start ``N = Z = h * w``, ``positions = arange(Z)`` and all are valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AliveTokens:
+    """The tokens a block runs on, with where they sit on the grid."""
+
+    tokens: Tensor
+    positions: Tensor
+    valid: Tensor
+
+    @classmethod
+    def full_grid(cls, tokens: Tensor) -> AliveTokens:
+        """All ``Z`` grid tokens of ``tokens`` ``(B, Z, C)`` alive, in row-major order."""
+        b, z, _ = tokens.shape
+        positions = torch.arange(z, device=tokens.device).expand(b, z)
+        valid = torch.ones(b, z, dtype=torch.bool, device=tokens.device)
+        return cls(tokens, positions, valid)
+
+    def alive_count(self) -> Tensor:
+        """``(B,)`` number of real (non-padding) tokens per image."""
+        return self.valid.sum(dim=1)
+
+
+def gather_kept(alive: AliveTokens, keep: Tensor) -> AliveTokens:
+    """Keep only the tokens where ``keep`` ``(B, N)`` is True, padding to the batch's largest count.
+
+    Kept tokens stay in ascending grid order. Padding slots get zeros, position 0 and ``valid`` False;
+    where every image keeps the same number (percentile mode) there is no padding at all.
+    """
+    keep = keep & alive.valid
+    counts = keep.sum(dim=1)
+    n_out = int(counts.max().item()) if counts.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_out]  # kept first, in order
+    valid = torch.arange(n_out, device=keep.device)[None, :] < counts[:, None]
+    tokens = torch.gather(alive.tokens, 1, order[..., None].expand(-1, -1, alive.tokens.shape[-1]))
+    tokens = tokens * valid[..., None].to(tokens.dtype)
+    positions = torch.gather(alive.positions, 1, order).masked_fill(~valid, 0)
+    return AliveTokens(tokens, positions, valid)
+
+
+def scatter_to_grid(alive: AliveTokens, num_grid: int, fill: Tensor | None = None) -> Tensor:
+    """Place alive tokens back on the ``(B, Z, C)`` grid; other places get ``fill`` (zeros if None).
+
+    Padding slots are never written.
+    """
+    b, _, c = alive.tokens.shape
+    grid = (
+        torch.zeros(b, num_grid, c, dtype=alive.tokens.dtype, device=alive.tokens.device)
+        if fill is None
+        else fill.clone()
+    )
+    values = alive.tokens * alive.valid[..., None].to(alive.tokens.dtype)
+    index = alive.positions[..., None].expand(-1, -1, c)
+    if fill is not None:
+        grid = grid * (~keep_on_grid(alive, num_grid))[..., None].to(grid.dtype)
+    return grid.scatter_add(1, index, values)
+
+
+def keep_on_grid(alive: AliveTokens, num_grid: int) -> Tensor:
+    """``(B, Z)`` bool: which grid places hold an alive token."""
+    counts = torch.zeros(alive.valid.shape[0], num_grid, dtype=torch.int32, device=alive.valid.device)
+    return counts.scatter_add(1, alive.positions, alive.valid.to(torch.int32)) > 0

@@ -1,0 +1,137 @@
+"""UNETR (MONAI, 2-D) with pruning points between its ViT blocks.
+
+The wrapper owns an unmodified :class:`monai.networks.nets.UNETR` and re-implements only its
+``forward``: it embeds the patches, runs the ViT blocks through
+:func:`prato_exp.models.plain_vit.run_pruned_blocks` and feeds the grid-shaped hidden states to
+MONAI's own encoders and decoders. With the ``none`` pruner the output equals ``UNETR.forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import UNETR
+from torch import Tensor, nn
+
+from prato_exp.models.plain_vit import PruningTrace, run_pruned_blocks
+from prato_exp.models.weights import load_pretrained
+from prato_exp.pruning.base import NoPruner, TokenPruner
+
+PrunerFactory = Callable[..., TokenPruner]
+
+
+@dataclass
+class SegOutput:
+    """A segmentation network's output: ``logits`` ``(B, K, H, W)`` and what pruning did."""
+
+    logits: Tensor
+    trace: PruningTrace
+
+
+class PrunableUNETR(nn.Module):
+    """MONAI UNETR (2-D, patch 16, 12 blocks) with a pruner after configurable blocks.
+
+    Args:
+        in_channels: image channels.
+        out_channels: classes, background included.
+        img_size: square input side in pixels (a multiple of 16).
+        feature_size, hidden_size, mlp_dim, num_heads, norm_name, res_block, dropout_rate, qkv_bias:
+            passed to MONAI's ``UNETR``.
+        skip_blocks: 1-based ViT blocks whose outputs feed the decoder skips (MONAI: 3, 6, 9 as
+            0-based ``hidden_states_out`` indices, i.e. blocks 4, 7, 10).
+        prune_after: 1-based blocks after which the pruner runs (default: after block 3).
+        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``); one pruner
+            instance is built per pruning point. None means no pruning.
+        pretrained: optional local path of a state dict (never downloaded).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: int = 224,
+        feature_size: int = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_heads: int = 12,
+        norm_name: str = "instance",
+        res_block: bool = True,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        skip_blocks: Sequence[int] = (4, 7, 10),
+        prune_after: Sequence[int] = (3,),
+        pruner: PrunerFactory | None = None,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        if img_size % 16:
+            raise ValueError(f"UNETR needs an input side divisible by its patch size 16, got {img_size}")
+        self.unetr = UNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            img_size=(img_size, img_size),
+            feature_size=feature_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_heads=num_heads,
+            norm_name=norm_name,
+            res_block=res_block,
+            dropout_rate=dropout_rate,
+            spatial_dims=2,
+            qkv_bias=qkv_bias,
+        )
+        depth = len(self.unetr.vit.blocks)
+        for name, points in (("skip_blocks", skip_blocks), ("prune_after", prune_after)):
+            bad = [i for i in points if not 1 <= i <= depth]
+            if bad:
+                raise ValueError(f"{name} must be 1-based block indices in 1..{depth}, got {list(points)}")
+        if len(skip_blocks) != 3:
+            raise ValueError(f"UNETR's decoder reads exactly 3 intermediate skips, got {list(skip_blocks)}")
+        self.skip_blocks = tuple(skip_blocks)
+        self.prune_after = tuple(sorted(prune_after))
+        self.grid_hw = (img_size // 16, img_size // 16)
+        self.hidden_size = hidden_size
+        factory = pruner or NoPruner
+        self.pruners = nn.ModuleDict({str(i): factory(dim=hidden_size) for i in self.prune_after})
+        if pretrained:
+            load_pretrained(self.unetr, pretrained)
+
+    def forward(
+        self, image: Tensor, box_xyxy: Tensor | None = None, prune_enabled: Tensor | None = None
+    ) -> SegOutput:
+        """Segment ``image`` ``(B, C, H, W)`` given one box per image ``box_xyxy`` ``(B, 4)``."""
+        net = self.unetr
+        tokens = net.vit.patch_embedding(image)  # (B, Z, C)
+        encoded = run_pruned_blocks(
+            tokens,
+            blocks=net.vit.blocks,
+            norm=net.vit.norm,
+            pruners={int(i): p for i, p in self.pruners.items()},
+            skip_blocks=self.skip_blocks,
+            grid_hw=self.grid_hw,
+            image_hw=(image.shape[-2], image.shape[-1]),
+            box_xyxy=box_xyxy,
+            prune_enabled=prune_enabled,
+        )
+        skip2, skip3, skip4 = (encoded.skips[i] for i in self.skip_blocks)
+        enc1 = net.encoder1(image)
+        enc2 = net.encoder2(net.proj_feat(skip2))
+        enc3 = net.encoder3(net.proj_feat(skip3))
+        enc4 = net.encoder4(net.proj_feat(skip4))
+        dec3 = net.decoder5(net.proj_feat(encoded.final), enc4)
+        dec2 = net.decoder4(dec3, enc3)
+        dec1 = net.decoder3(dec2, enc2)
+        logits = net.out(net.decoder2(dec1, enc1))
+        return SegOutput(logits=logits, trace=encoded.trace)
+
+    def pruned_part(self) -> list[str]:
+        """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
+        first = self.prune_after[0] if self.prune_after else len(self.unetr.vit.blocks)
+        return [f"unetr.vit.blocks.{i}" for i in range(first, len(self.unetr.vit.blocks))]
+
+    @torch.no_grad()
+    def reference_forward(self, image: Tensor) -> Tensor:
+        """MONAI's own, unpatched ``UNETR.forward`` (for tests that pruning-off changes nothing)."""
+        return self.unetr(image)

@@ -1,0 +1,47 @@
+"""Shared fixtures: composed Hydra configs and the paths of the real datasets (tests skip without them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from prato_exp.cli.common import CONFIG_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ACDC_ROOT = Path(os.environ.get("PRATO_ACDC_ROOT", SHARED_DATA / "acdc_ssl4mis"))
+ISIC_ROOT = Path(os.environ.get("PRATO_ISIC_ROOT", SHARED_DATA / "isic2017"))
+
+
+def group_choices(group: str) -> list[str]:
+    """Every config file of a group, so a new file in conf/<group>/ is tested the moment it exists."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """The train config as ``python train.py <overrides>`` would see it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def compose_eval(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def require_acdc() -> Path:
+    if not (ACDC_ROOT / "train_slices.list").is_file():
+        pytest.skip(f"ACDC h5 data not found at {ACDC_ROOT} (set PRATO_ACDC_ROOT to run this test)")
+    return ACDC_ROOT
+
+
+def require_isic() -> Path:
+    if not ISIC_ROOT.is_dir():
+        pytest.skip(f"ISIC data not found at {ISIC_ROOT} (set PRATO_ISIC_ROOT to run this test)")
+    return ISIC_ROOT

@@ -1,0 +1,50 @@
+"""Batches from the datamodule: shapes, prompts derived after augmentation, evaluation at full size."""
+
+import torch
+from conftest import compose_train
+
+from prato_exp.cli.common import build_datamodule
+from prato_exp.data.prompts import tight_box
+
+
+def _datamodule(*overrides: str):
+    cfg = compose_train(["model.img_size=64", "datamodule.batch_size=4", *overrides])
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    return dm
+
+
+def test_train_batch_carries_boxes_in_input_pixels():
+    batch = next(iter(_datamodule().train_dataloader()))
+    assert batch["image"].shape == (4, 1, 64, 64)
+    assert batch["label"].shape == (4, 64, 64)
+    assert batch["box_xyxy"].shape == (4, 4)
+    assert batch["box_xyxy"].dtype == torch.float32
+
+
+def test_train_box_is_the_tight_box_of_the_augmented_mask():
+    batch = next(iter(_datamodule().train_dataloader()))
+    for label, box, empty in zip(batch["label"], batch["box_xyxy"], batch["empty_prompt"], strict=True):
+        expected = tight_box(label.numpy())
+        if empty:
+            assert expected is None and box.tolist() == [0, 0, 64, 64]
+        else:
+            assert box.tolist() == expected.tolist()
+
+
+def test_eval_batch_keeps_original_resolution_masks():
+    dm = _datamodule("dataset.size=96")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[-2:] == (64, 64)
+    assert all(t.shape == (96, 96) for t in batch["label_orig"])
+
+
+def test_eval_prompts_are_identical_across_runs():
+    first = next(iter(_datamodule("prompt=misleading").val_dataloader()))["box_xyxy"]
+    second = next(iter(_datamodule("prompt=misleading").val_dataloader()))["box_xyxy"]
+    assert torch.equal(first, second)
+
+
+def test_split_ids_are_written(tmp_path):
+    path = _datamodule().write_split_ids(tmp_path)
+    assert path.exists() and "val" in path.read_text()

@@ -1,0 +1,196 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from prato_exp.metrics.segmentation import (
+    SegmentationMeter,
+    foreground_token_recall,
+    hd95_binary,
+    image_diagonal,
+    slice_stats,
+)
+
+
+def labels(h: int, w: int, *regions: tuple[int, slice, slice]) -> torch.Tensor:
+    out = torch.zeros(h, w, dtype=torch.long)
+    for cls, rows, cols in regions:
+        out[rows, cols] = cls
+    return out
+
+
+def points(h: int, w: int, *coords: tuple[int, int]) -> torch.Tensor:
+    out = torch.zeros(h, w, dtype=torch.long)
+    for r, c in coords:
+        out[r, c] = 1
+    return out
+
+
+def test_dsc_iou_of_square_against_shifted_square():
+    truth = labels(6, 6, (1, slice(1, 3), slice(1, 3)))
+    pred = labels(6, 6, (1, slice(1, 3), slice(2, 4)))
+    stats = slice_stats(pred, truth, num_classes=2)
+    assert (stats.tp[0], stats.fp[0], stats.fn[0]) == (2, 2, 2)
+    assert stats.dsc[0] == pytest.approx(0.5)
+    assert stats.iou[0] == pytest.approx(1 / 3)
+
+
+def test_both_empty_is_excluded():
+    stats = slice_stats(torch.zeros(6, 8, dtype=torch.long), torch.zeros(6, 8, dtype=torch.long), 2)
+    assert math.isnan(stats.dsc[0]) and math.isnan(stats.iou[0]) and math.isnan(stats.hd95[0])
+
+
+def test_truth_only_scores_zero_and_diagonal():
+    truth = labels(6, 8, (1, slice(2, 4), slice(2, 4)))
+    stats = slice_stats(torch.zeros(6, 8, dtype=torch.long), truth, 2)
+    assert stats.dsc[0] == 0 and stats.iou[0] == 0
+    assert stats.hd95[0] == pytest.approx(10.0)
+
+
+def test_pred_only_scores_zero_and_diagonal_in_mm():
+    pred = labels(6, 8, (1, slice(2, 4), slice(2, 4)))
+    stats = slice_stats(pred, torch.zeros(6, 8, dtype=torch.long), 2, spacing_hw=(2.0, 1.0))
+    assert stats.dsc[0] == 0 and stats.iou[0] == 0
+    assert stats.hd95[0] == pytest.approx(math.sqrt(12**2 + 8**2))
+    assert image_diagonal(6, 8, (2.0, 1.0)) == pytest.approx(math.sqrt(208))
+
+
+def test_hd95_two_points_three_pixels_apart():
+    assert hd95_binary(points(8, 8, (1, 2)), points(8, 8, (4, 2))) == pytest.approx(3.0)
+
+
+def test_hd95_row_spacing_scales_row_distance():
+    assert hd95_binary(points(8, 8, (1, 2)), points(8, 8, (4, 2)), (2.0, 1.0)) == pytest.approx(6.0)
+    assert hd95_binary(points(8, 8, (2, 1)), points(8, 8, (2, 4)), (2.0, 1.0)) == pytest.approx(3.0)
+
+
+def test_hd95_square_shifted_by_two_columns():
+    truth = labels(8, 10, (1, slice(2, 5), slice(2, 5)))
+    pred = labels(8, 10, (1, slice(2, 5), slice(4, 7)))
+    assert slice_stats(pred, truth, 2).hd95[0] == pytest.approx(2.0)
+
+
+def _reference_hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float]) -> float:
+    def edges(m: np.ndarray) -> np.ndarray:
+        return m ^ ndimage.binary_erosion(m)
+
+    ea, eb = edges(a), edges(b)
+    d_ab = ndimage.distance_transform_edt(~eb, sampling=spacing)[ea]
+    d_ba = ndimage.distance_transform_edt(~ea, sampling=spacing)[eb]
+    return max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+
+
+def test_hd95_matches_independent_scipy_computation_on_blobs():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = ndimage.binary_opening(rng.random((24, 20)) > 0.5)
+        b = ndimage.binary_opening(rng.random((24, 20)) > 0.5)
+        got = hd95_binary(torch.from_numpy(a), torch.from_numpy(b), (1.5, 0.7))
+        assert got == pytest.approx(_reference_hd95(a, b, (1.5, 0.7)), rel=1e-5)
+
+
+def test_classes_are_scored_separately():
+    truth = labels(6, 6, (1, slice(0, 2), slice(0, 2)), (3, slice(4, 6), slice(4, 6)))
+    pred = labels(6, 6, (1, slice(0, 2), slice(0, 2)), (2, slice(4, 6), slice(4, 6)))
+    stats = slice_stats(pred, truth, 4)
+    np.testing.assert_allclose(stats.dsc, [1.0, 0.0, 0.0])
+    assert stats.empty_kind == ["both_present", "pred_only", "truth_only"]
+
+
+def test_labels_out_of_range_are_rejected():
+    with pytest.raises(ValueError, match="outside"):
+        slice_stats(torch.full((4, 4), 3), torch.zeros(4, 4, dtype=torch.long), 3)
+
+
+def test_volume_dsc_uses_stacked_volume_not_mean_of_slices():
+    meter = SegmentationMeter(2, ["LV"])
+    meter.update("p1", 0, points(4, 4, (1, 1)), points(4, 4, (1, 1)))
+    meter.update("p1", 1, torch.zeros(4, 4, dtype=torch.long), labels(4, 4, (1, slice(0, 3), slice(0, 3))))
+    out = meter.compute()
+    assert out["slice/dsc/LV"] == pytest.approx(0.5)
+    assert out["case/dsc/LV"] == pytest.approx(2 / 11)
+    assert out["case/iou/LV"] == pytest.approx(1 / 10)
+
+
+def test_volume_hd95_is_mean_over_slices_with_a_value():
+    meter = SegmentationMeter(2, ["LV"])
+    meter.update("p1", 0, points(8, 8, (1, 2)), points(8, 8, (4, 2)))
+    meter.update("p1", 1, torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long))
+    meter.update("p1", 2, torch.zeros(8, 8, dtype=torch.long), points(8, 8, (3, 3)))
+    assert meter.compute()["case/hd95/LV"] == pytest.approx((3.0 + 8 * math.sqrt(2)) / 2)
+
+
+def test_empty_kinds_are_counted_per_slice_and_per_case():
+    zero = torch.zeros(4, 4, dtype=torch.long)
+    one = points(4, 4, (0, 0))
+    meter = SegmentationMeter(2, ["LV"])
+    meter.update("a", 0, zero, one)
+    meter.update("a", 1, one, zero)
+    meter.update("b", 0, zero, zero)
+    meter.update("b", 1, zero, zero)
+    meter.update("c", 0, one, zero)
+    out = meter.compute()
+    assert (out["counts/slice/both_empty/LV"], out["counts/slice/truth_only/LV"]) == (2, 1)
+    assert out["counts/slice/pred_only/LV"] == 2
+    assert (out["counts/case/both_empty/LV"], out["counts/case/truth_only/LV"]) == (1, 0)
+    assert out["counts/case/pred_only/LV"] == 1
+    assert (out["counts/slices"], out["counts/cases"], out["counts/slice/no_foreground"]) == (5, 3, 4)
+
+
+def test_empty_table_is_applied_before_averaging_over_cases():
+    meter = SegmentationMeter(2, ["LV"])
+    meter.update("hit", 0, points(4, 4, (1, 1)), points(4, 4, (1, 1)))
+    meter.update("miss", 0, torch.zeros(4, 4, dtype=torch.long), points(4, 4, (1, 1)))
+    meter.update("empty", 0, torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long))
+    out = meter.compute()
+    assert out["case/dsc/LV"] == pytest.approx(0.5)
+    assert out["case/hd95/LV"] == pytest.approx(4 * math.sqrt(2) / 2)
+
+
+def test_class_mean_is_mean_of_per_class_values():
+    meter = SegmentationMeter(3, ["RV", "LV"])
+    rv_lv = labels(4, 4, (1, slice(0, 1), slice(0, 1)), (2, slice(3, 4), slice(3, 4)))
+    meter.update("a", 0, rv_lv, rv_lv)
+    meter.update("b", 0, torch.zeros(4, 4, dtype=torch.long), labels(4, 4, (1, slice(0, 1), slice(0, 1))))
+    out = meter.compute()
+    assert (out["case/dsc/RV"], out["case/dsc/LV"]) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert out["case/dsc_mean"] == pytest.approx(0.75)
+
+
+def test_per_case_rows_for_csv():
+    meter = SegmentationMeter(3, ["background", "RV", "LV"])
+    meter.update("a", 1, points(4, 4, (0, 0)), points(4, 4, (0, 0)))
+    meter.update("a", 0, torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long))
+    (row,) = meter.per_case()
+    assert (row["case_id"], row["num_slices"], row["dsc/RV"]) == ("a", 2, 1.0)
+    assert math.isnan(row["dsc/LV"]) and row["empty/LV"] == "both_empty"
+    assert [r["slice_index"] for r in meter.per_slice()] == [0, 1]
+
+
+def test_repeated_slice_is_rejected():
+    meter = SegmentationMeter(2)
+    meter.update("a", 0, points(4, 4, (0, 0)), points(4, 4, (0, 0)))
+    with pytest.raises(ValueError, match="already recorded"):
+        meter.update("a", 0, points(4, 4, (0, 0)), points(4, 4, (0, 0)))
+
+
+def test_update_batch_matches_single_updates():
+    preds = torch.stack([points(4, 4, (0, 0)), points(4, 4, (1, 1))])
+    targets = torch.stack([points(4, 4, (0, 0)), points(4, 4, (2, 2))])
+    single, batch = SegmentationMeter(2), SegmentationMeter(2)
+    for i in range(2):
+        single.update("c", i, preds[i], targets[i], (1.0, 2.0))
+    batch.update_batch(["c", "c"], torch.tensor([0, 1]), preds, targets, [(1.0, 2.0)] * 2)
+    assert single.compute() == pytest.approx(batch.compute(), nan_ok=True)
+
+
+def test_foreground_token_recall():
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, 0, 1] = 2
+    target[0, 3, 3] = 1
+    keep = torch.tensor([[[True, False], [True, False]], [[True, True], [True, True]]])
+    recall = foreground_token_recall(keep, target)
+    assert recall[0].item() == pytest.approx(0.5)
+    assert math.isnan(recall[1].item())

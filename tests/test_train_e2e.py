@@ -1,0 +1,101 @@
+"""End to end through Hydra's compose API: fast_dev_run, a short train + eval, bad checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_eval, compose_train
+
+from prato_exp.cli.eval import evaluate
+from prato_exp.cli.train import train
+
+TINY = [
+    "model.img_size=32",
+    "datamodule.batch_size=4",
+    "dataset.num_train=8",
+    "dataset.num_val=2",
+    "dataset.num_test=2",
+    "dataset.size=48",
+    "efficiency.flop_images=2",
+    "efficiency.latency_warmup=1",
+    "efficiency.latency_repeats=3",
+    "logger=none",
+]
+
+
+def test_fast_dev_run_writes_metrics(tmp_path):
+    cfg = compose_train([*TINY, "+trainer.fast_dev_run=true"])
+    results = train(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["efficiency"]["gflops_per_image"] > 0
+    assert "val/case/dsc/LV" in metrics["val"] and "test/case/hd95/RV" in metrics["test"]
+    assert results["splits"] == {"train": 8, "val": 2, "test": 2}
+
+
+def test_a_finished_run_folder_is_never_overwritten(tmp_path):
+    cfg = compose_train([*TINY, "+trainer.fast_dev_run=true"])
+    train(cfg, tmp_path / "run")
+    with pytest.raises(FileExistsError, match="already holds"):
+        train(cfg, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    cfg = compose_train([*TINY, "dataset=synthetic_lesion", "trainer.max_epochs=2", "logger=wandb"])
+    train(cfg, run_dir)
+    return run_dir
+
+
+def test_short_training_writes_checkpoint_metrics_and_wandb_run(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2
+    assert Path(metrics["best_checkpoint"]).is_file()
+    assert 0.0 <= metrics["test"]["test/case/dsc/lesion"] <= 1.0
+    assert metrics["efficiency"]["latency"]["median_ms"] > 0
+    assert list((trained_run / "wandb").glob("offline-run-*"))
+
+
+def test_eval_scores_a_checkpoint_and_draws_overlays(trained_run, tmp_path):
+    ckpt = json.loads((trained_run / "metrics.json").read_text())["best_checkpoint"]
+    cfg = compose_eval([f"ckpt={ckpt}", "dataset=synthetic_lesion", *TINY[2:6], "prompt=oversized"])
+    results = evaluate(cfg, tmp_path / "eval")
+    assert results["split"] == "test" and results["prompt_condition"] == "oversized"
+    assert "test/case/dsc/lesion" in results["metrics"]
+    assert [p for p in results["figures"] if p.endswith(".png")]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(trained_run, tmp_path):
+    ckpt_path = json.loads((trained_run / "metrics.json").read_text())["best_checkpoint"]
+    checkpoint = torch.load(ckpt_path, weights_only=True)
+    checkpoint["prato_run_config"]["model"]["hidden_size"] = 96
+    bad = tmp_path / "other.ckpt"
+    torch.save(checkpoint, bad)
+    cfg = compose_eval([f"ckpt={bad}", "dataset=synthetic_lesion", *TINY[2:6]])
+    with pytest.raises(ValueError, match="does not fit the model"):
+        evaluate(cfg, tmp_path / "eval")
+
+
+def test_resume_from_checkpoint_continues_training(trained_run, tmp_path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_train([*TINY, "dataset=synthetic_lesion", "trainer.max_epochs=3", f"ckpt_path={last}"])
+    assert train(cfg, tmp_path / "resumed")["epochs_run"] == 3
+
+
+@pytest.mark.slow
+def test_multirun_sweep_runs_one_job_per_dataset(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("dataset.")]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "dataset=synthetic_cardiac,synthetic_lesion",
+        "trainer.max_epochs=1",
+    ]
+    cmd += [*overrides, f"hydra.sweep.dir={tmp_path}"]
+    subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2
