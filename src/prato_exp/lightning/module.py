@@ -51,6 +51,7 @@ class SegmentationModule(pl.LightningModule):
         self.run_config = run_config or {}
         self.meters = {split: self._new_meter() for split in ("val", "test")}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.last_per_case: dict[str, list[dict[str, Any]]] = {}
         self._token_stats: dict[str, list[Tensor]] = {}
 
     def _new_meter(self) -> SegmentationMeter:
@@ -124,7 +125,7 @@ class SegmentationModule(pl.LightningModule):
         loggable = {k: v for k, v in metrics.items() if "/counts/" not in k}
         self.log_dict(loggable, sync_dist=True)
         self.last_metrics[split] = metrics
-        self.last_per_case = {split: meter.per_case()}
+        self.last_per_case[split] = meter.per_case()
         self.meters[split] = self._new_meter()
 
     def on_validation_epoch_end(self) -> None:
