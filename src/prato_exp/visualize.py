@@ -85,7 +85,7 @@ def save_overlays(net: nn.Module, dataset: Dataset, folder: Path, count: int) ->
         _draw_box(axes[2], sample["box_xyxy"])
         if keep_grids:
             draw_retention_map(
-                axes[3], sample["image"], keep_grids[-1][0].cpu(), net.grid_hw, sample["box_xyxy"]
+                axes[3], sample["image"], keep_grids[-1][0].cpu(), out.trace.grid_hw, sample["box_xyxy"]
             )
         fig.tight_layout()
         path = folder / f"{sample['case_id']}_z{sample['slice_index']:02d}.png"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prato_exp.metrics.segmentation import SegmentationMeter, foreground_token_recall
-from prato_exp.models.unetr import SegOutput
+from prato_exp.models.base import SegOutput
 
 
 class SegmentationModule(pl.LightningModule):
@@ -104,7 +104,7 @@ class SegmentationModule(pl.LightningModule):
         for point, keep in enumerate(trace.keep_grids):
             pruned = 1.0 - keep.float().mean(dim=1)
             stats.setdefault(f"{split}/sparsity_point{point}", []).append(pruned.detach().cpu())
-        h, w = self.net.grid_hw
+        h, w = trace.grid_hw
         keep_grid = trace.keep_grids[-1].view(-1, h, w)
         recall = foreground_token_recall(keep_grid.cpu(), batch["label"].cpu())
         stats.setdefault(f"{split}/fg_token_recall", []).append(recall)

@@ -9,50 +9,17 @@ to ``pruner.mode`` (see :mod:`prato_exp.pruning.base`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from prato_exp.models.base import PruningTrace
 from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
-from prato_exp.pruning.base import PruneResult, TokenPruner
+from prato_exp.pruning.base import TokenPruner
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
-
-
-@dataclass
-class PruningTrace:
-    """What pruning did in one forward pass, for the loss, the logs and the plots.
-
-    Attributes:
-        results: the pruner's result at each pruning point, in order.
-        keep_grids: ``(B, Z)`` bool per pruning point, grid places still alive after it.
-        block_keep_fraction: ``(B, depth)`` fraction of grid tokens alive at the input of each block
-            (1-based block ``i`` is column ``i - 1``).
-        first_pruned_block: 1-based index of the first block that runs after a pruning point
-            (``depth + 1`` when nothing was pruned).
-    """
-
-    results: list[PruneResult] = field(default_factory=list)
-    keep_grids: list[Tensor] = field(default_factory=list)
-    block_keep_fraction: Tensor | None = None
-    first_pruned_block: int = 0
-
-    def aux_losses(self) -> dict[str, Tensor]:
-        """Auxiliary losses of every pruning point, named ``<loss>`` or ``<loss>_<point>``."""
-        losses: dict[str, Tensor] = {}
-        for point, result in enumerate(self.results):
-            for name, value in result.aux_losses.items():
-                losses[name if len(self.results) == 1 else f"{name}_{point}"] = value
-        return losses
-
-    def sparsity(self) -> Tensor | None:
-        """``(B,)`` fraction of grid tokens pruned, averaged over the blocks after the first point."""
-        if self.block_keep_fraction is None or not self.results:
-            return None
-        after = self.block_keep_fraction[:, self.first_pruned_block - 1 :]
-        return 1.0 - after.mean(dim=1)
 
 
 @dataclass
@@ -117,7 +84,7 @@ def run_pruned_blocks(
     if len({p.mode for p in active.values()}) > 1:
         raise ValueError("all pruning points of one model must share one mode")
 
-    trace = PruningTrace(first_pruned_block=min(active, default=depth) + 1)
+    trace = PruningTrace(grid_hw=grid_hw, first_pruned_block=min(active, default=depth) + 1)
     keep_fraction = []
     skips: dict[int, Tensor] = {}
 

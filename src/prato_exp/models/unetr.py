@@ -9,25 +9,17 @@ MONAI's own encoders and decoders. With the ``none`` pruner the output equals ``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
-from prato_exp.models.plain_vit import PruningTrace, run_pruned_blocks
+from prato_exp.models.base import SegOutput
+from prato_exp.models.plain_vit import run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, TokenPruner
 
 PrunerFactory = Callable[..., TokenPruner]
-
-
-@dataclass
-class SegOutput:
-    """A segmentation network's output: ``logits`` ``(B, K, H, W)`` and what pruning did."""
-
-    logits: Tensor
-    trace: PruningTrace
 
 
 class PrunableUNETR(nn.Module):
