@@ -214,7 +214,8 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: s
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
         " part = the blocks after the first pruning point; ratios are pruned / unpruned (`none`);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs;"
-        " scoring/unpruned = the pruner calls alone / the unpruned model's time",
+        " scoring/unpruned = the pruner calls alone / the unpruned model's time;"
+        " peak MB = the process's peak RSS during the timed runs (CPU) or peak allocated memory (CUDA)",
         "",
         table,
         "",
