@@ -49,8 +49,15 @@ def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, Sy
 
 
 def build(model: str, pruning: str, mode: str | None, size: int, source, extra: list[str]) -> nn.Module:
-    """A network from the configs ``model=<model> pruning=<pruning>`` (``pruning.mode=<mode>``)."""
-    overrides = [f"model={model}", f"pruning={pruning}", f"model.img_size={size}", *extra]
+    """A network from the configs ``model=<model> pruning=<pruning>`` (``pruning.mode=<mode>``).
+
+    ``pruning`` may name a threshold choice after ``@``: ``prato@fixed0.5`` is
+    ``pruning=prato threshold=fixed0.5``.
+    """
+    preset, _, threshold = pruning.partition("@")
+    overrides = [f"model={model}", f"pruning={preset}", f"model.img_size={size}", *extra]
+    if threshold:
+        overrides.append(f"threshold={threshold}")
     if mode is not None:
         overrides.append(f"pruning.mode={mode}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -96,7 +103,7 @@ def measure(
     row: dict[str, Any] = {
         "gflops": statistics.fmean(r.total_flops for r in reports) / 1e9,
         "part_gflops": statistics.fmean(r.flops_under(part) for r in reports) / 1e9,
-        "sparsity": mean_sparsity(net, images[:1], boxes[:1]),
+        "sparsity": mean_sparsity(net, images, boxes),
     }
     for bs in batch_sizes:
         reps = -(-bs // len(images))
@@ -116,7 +123,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="unetr_small")
-    parser.add_argument("--pruning", nargs="+", default=["percentile25", "percentile50", "percentile75"])
+    parser.add_argument(
+        "--pruning",
+        nargs="+",
+        default=["percentile25", "percentile50", "percentile75"],
+        help="pruning presets; `preset@threshold` adds a threshold choice, e.g. prato@fixed0.5",
+    )
     parser.add_argument("--modes", nargs="+", default=["drop", "mask"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--input-size", type=int, default=224)

@@ -7,6 +7,7 @@ pruner returns), the optimiser, and the evaluation at original resolution.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 
 from prato_exp.metrics.segmentation import SegmentationMeter, foreground_token_recall
 from prato_exp.models.base import SegOutput
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -125,6 +128,15 @@ class SegmentationModule(pl.LightningModule):
         loggable = {k: v for k, v in metrics.items() if "/counts/" not in k}
         self.log_dict(loggable, sync_dist=True)
         self.last_metrics[split] = metrics
+        log.info(
+            "epoch %d %s: mean DSC %.4f, IoU %.4f, HD95 %.2f (per case), sparsity %s",
+            self.current_epoch,
+            split,
+            metrics[f"{split}/case/dsc_mean"],
+            metrics[f"{split}/case/iou_mean"],
+            metrics[f"{split}/case/hd95_mean"],
+            f"{metrics[f'{split}/sparsity']:.3f}" if f"{split}/sparsity" in metrics else "-",
+        )
         self.last_per_case[split] = meter.per_case()
         self.meters[split] = self._new_meter()
 

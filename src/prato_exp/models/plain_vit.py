@@ -43,6 +43,15 @@ def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None
     return block(tokens, attn_mask=key_keep)
 
 
+def timm_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
+    """Run a timm ``Block``; its attention takes a bool mask broadcastable to ``(B, heads, N, N)``.
+
+    ``key_keep`` ``(B, N)`` bool (True = attend) becomes ``(B, 1, 1, N)``: SDPA (fused path) and
+    timm's ``resolve_self_attn_mask`` (non-fused path, bool -> 0 / -inf) both read it that way.
+    """
+    return block(tokens, attn_mask=None if key_keep is None else key_keep[:, None, None, :])
+
+
 def run_pruned_blocks(
     tokens: Tensor,
     blocks: Sequence[nn.Module],

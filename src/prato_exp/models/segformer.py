@@ -1,0 +1,471 @@
+"""SegFormer (HuggingFace ``transformers``: Mix Transformer encoder + all-MLP decoder) with PrATo.
+
+The wrapper owns an unmodified :class:`transformers.SegformerForSemanticSegmentation` built offline from a
+``SegformerConfig`` (random init, eager attention so ``FlopCounterMode`` sees it) and iterates its stages
+and blocks itself. The pruner runs once, on the tokens of the overlapping patch embedding of stage
+``prune_at_stage`` (default 2, the 1/8 scale of spec section 3); that stage and every later one run on kept
+tokens. With the ``none`` pruner every library module runs unchanged, so the logits equal the library's
+(upsampled to the input size as :meth:`PrunableSegFormer.forward` does).
+
+What ``drop`` executes per block, on the kept tokens only (gather/scatter):
+
+- ``layernorm_before``, the query projection, the output projection, ``layernorm_after`` and the Mix-FFN
+  linear layers ``fc1`` and ``fc2``;
+- attention of the kept queries over the keys (eager ``QK^T`` and ``AV``).
+
+What stays on the grid (computed on the zero-filled ``h x w`` map, pruned places zero):
+
+- the keys and values at ``sr > 1``: the spatial-reduction convolution and its LayerNorm read the grid; a
+  reduced key is masked (``-inf``) only if all of its ``sr x sr`` parents are pruned (if none of an image's
+  reduced keys has a kept parent, which happens only where ``sr`` does not divide the grid, no key is
+  masked). At ``sr = 1`` the keys are the kept tokens themselves;
+- the depth-wise convolution of the Mix-FFN, whose output is read back at the kept places only;
+- the next stage's overlapping patch embedding (a strided convolution) on the zero-filled grid.
+
+Keep rule across stages: a token of stage ``s + 1`` is kept if any of its ``stride x stride`` parents
+(its stride footprint, rows ``[i * stride, (i + 1) * stride)``, 2 x 2 in MiT) of stage ``s`` is kept.
+The decoder reads every stage's output (after the stage's LayerNorm) scattered to its grid, pruned places
+holding zeros (``fill="zero"``) or, with ``fill="carry"``, the stage's LayerNorm of the token's patch
+embedding (its value where it was dropped). ``mask`` runs the same code on the full grid (alive tokens
+``=`` all places, ``valid = keep``, every token-wise output re-zeroed), so it equals ``drop`` up to float
+error. ``zero_once`` zeroes the pruned tokens once and runs the unmodified blocks on the whole grid.
+
+``PrunableSegformerLayer`` is the one patch: the blocks of the pruned stages get this subclass (as ToMe
+patches timm), whose ``forward`` is the library's unless a :class:`StageGrid` is passed, so the pruned
+forward runs inside each block's own module call and ``FlopCounterMode`` attributes its FLOPs to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.segformer.modeling_segformer import (
+    SegformerAttention,
+    SegformerLayer,
+    eager_attention_forward,
+)
+
+from prato_exp.models.base import PruningTrace, SegOutput
+from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
+from prato_exp.models.weights import load_pretrained
+from prato_exp.pruning.base import NoPruner, PruneResult, TokenPruner
+
+PrunerFactory = Callable[..., TokenPruner]
+AttnImplementation = Literal["eager", "sdpa"]
+
+
+def child_keep(keep: Tensor, grid_hw: tuple[int, int], child_hw: tuple[int, int], stride: int) -> Tensor:
+    """Keep mask of the next stage: a child is kept if any parent in its ``stride x stride`` footprint is.
+
+    Args:
+        keep: ``(B, h * w)`` bool keep mask of this stage, row-major.
+        grid_hw: ``(h, w)`` of this stage.
+        child_hw: ``(h', w')`` of the next stage (``ceil(h / stride)``, ``ceil(w / stride)``).
+        stride: the next patch embedding's stride.
+
+    Returns:
+        ``(B, h' * w')`` bool.
+    """
+    b = keep.shape[0]
+    pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), stride, stride, ceil_mode=True)
+    if tuple(pooled.shape[-2:]) != tuple(child_hw):
+        raise ValueError(
+            f"a {grid_hw} grid with stride {stride} gives {tuple(pooled.shape[-2:])} footprints, but the "
+            f"next stage's grid is {child_hw}; use odd patch sizes (padding = patch_size // 2)"
+        )
+    return pooled.flatten(1) > 0
+
+
+def reduced_key_keep(keep: Tensor, grid_hw: tuple[int, int], sr: int) -> Tensor:
+    """Which spatially reduced keys stay: those with at least one kept parent among their ``sr x sr``.
+
+    Args:
+        keep: ``(B, h * w)`` bool keep mask, row-major.
+        grid_hw: ``(h, w)``.
+        sr: the sequence-reduction ratio (kernel and stride of the reduction convolution).
+
+    Returns:
+        ``(B, (h // sr) * (w // sr))`` bool; all True for an image none of whose reduced keys has a kept
+        parent (possible only where ``sr`` does not divide the grid), so its softmax stays finite.
+    """
+    b = keep.shape[0]
+    pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), sr, sr).flatten(1) > 0
+    return pooled | ~pooled.any(dim=1, keepdim=True)
+
+
+def additive_key_mask(key_keep: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """``(B, 1, 1, K)`` additive attention mask, ``-inf`` on dropped keys; None when every key stays."""
+    if bool(key_keep.all()):
+        return None
+    mask = torch.zeros(key_keep.shape, dtype=dtype, device=key_keep.device)
+    return mask.masked_fill(~key_keep, float("-inf"))[:, None, None, :]
+
+
+@dataclass
+class StageGrid:
+    """Where the alive tokens of one pruned stage sit on its grid.
+
+    Attributes:
+        positions: ``(B, N)`` long, row-major grid index of each alive slot.
+        valid: ``(B, N)`` bool, False on padding slots (``drop``) or pruned places (``mask``).
+        keep: ``(B, Z)`` bool, grid places alive.
+        grid_hw: ``(h, w)``, ``Z = h * w``.
+        full_grid: True in ``mask`` mode, where slot ``i`` is grid place ``i`` (``N = Z``).
+    """
+
+    positions: Tensor
+    valid: Tensor
+    keep: Tensor
+    grid_hw: tuple[int, int]
+    full_grid: bool
+
+    def rezero(self, tokens: Tensor) -> Tensor:
+        """``tokens`` ``(B, N, C)`` with padding slots / pruned places set to zero."""
+        return tokens * self.valid[..., None].to(tokens.dtype)
+
+    def to_grid(self, tokens: Tensor) -> Tensor:
+        """``(B, N, C)`` alive tokens -> ``(B, Z, C)`` zero-filled grid tokens."""
+        if self.full_grid:
+            return self.rezero(tokens)
+        return scatter_to_grid(AliveTokens(tokens, self.positions, self.valid), self.keep.shape[1])
+
+    def to_map(self, tokens: Tensor) -> Tensor:
+        """``(B, N, C)`` alive tokens -> ``(B, C, h, w)`` zero-filled feature map."""
+        grid = self.to_grid(tokens)
+        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *self.grid_hw)
+
+    def from_map(self, feature_map: Tensor) -> Tensor:
+        """``(B, C, h, w)`` map -> ``(B, N, C)`` values at the alive places (zero on invalid slots)."""
+        flat = feature_map.flatten(2).transpose(1, 2)  # (B, Z, C)
+        if not self.full_grid:
+            flat = torch.gather(flat, 1, self.positions[..., None].expand(-1, -1, flat.shape[-1]))
+        return self.rezero(flat)
+
+    def key_keep(self, sr: int) -> Tensor:
+        """``(B, K)`` bool: the keys attention may use (the alive tokens at ``sr = 1``)."""
+        if sr == 1:
+            return self.valid
+        return reduced_key_keep(self.keep, self.grid_hw, sr)
+
+
+class PrunableSegformerLayer(SegformerLayer):
+    """``SegformerLayer`` whose forward runs on a stage's kept tokens when given a :class:`StageGrid`.
+
+    Without one it is the library's forward, unchanged.
+    """
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        height: int,
+        width: int,
+        stage_grid: StageGrid | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """``hidden_states`` ``(B, N, C)``: the whole ``height x width`` grid, or the alive tokens."""
+        if stage_grid is None:
+            return super().forward(hidden_states, height, width, **kwargs)
+        layout = stage_grid
+        residual = hidden_states
+        x = layout.rezero(self.layernorm_before(hidden_states))
+        x = layout.rezero(_attention_on_kept(self.attention, x, layout))
+        x = self.drop_path(self.hidden_dropout(x)) + residual
+
+        residual = x
+        mlp = self.mlp
+        x = layout.rezero(self.layernorm_after(x))
+        x = mlp.fc1(x)  # (B, N, C_mlp)
+        x = layout.from_map(mlp.dwconv.dwconv(layout.to_map(x)))
+        x = mlp.dropout(mlp.activation_fn(x))
+        x = layout.rezero(mlp.dropout(mlp.fc2(x)))
+        return self.drop_path(x) + residual
+
+
+def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: StageGrid) -> Tensor:
+    """Efficient self-attention of the alive ``tokens`` ``(B, N, C)`` (normed, re-zeroed) -> ``(B, N, C)``.
+
+    Queries and the output projection run on the alive tokens; at ``sr > 1`` keys and values come from the
+    zero-filled grid through the reduction convolution and its LayerNorm.
+    """
+    b, n, _ = tokens.shape
+    sr = attn.sequence_reduction_ratio
+    query = attn.q_proj(tokens).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, heads, N, d)
+    kv = attn.sequence_reduction(layout.to_grid(tokens), *layout.grid_hw) if sr > 1 else tokens
+    k = kv.shape[1]
+    key = attn.k_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)  # (B, heads, K, d)
+    value = attn.v_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, eager_attention_forward
+    )
+    out, _ = interface(
+        attn,
+        query,
+        key,
+        value,
+        additive_key_mask(layout.key_keep(sr), query.dtype),
+        dropout=attn.attention_dropout if attn.training else 0.0,
+        scaling=attn.scaling,
+    )
+    return attn.o_proj(out.reshape(b, n, -1))  # out: (B, N, heads, d)
+
+
+class PrunableSegFormer(nn.Module):
+    """HuggingFace SegFormer (MiT encoder + all-MLP decoder) with a pruner at one stage's patch embedding.
+
+    Per-stage sequences have one entry per stage (4 in MiT). Defaults are MiT-B2.
+
+    Args:
+        in_channels: image channels (``num_channels``).
+        out_channels: classes, background included (``num_labels``).
+        img_size: square input side the model is built for (any side works; every stage's grid must be
+            at least its ``sr``).
+        hidden_sizes, depths, num_attention_heads, sr_ratios, patch_sizes, strides, mlp_ratios: the
+            Mix Transformer per stage, passed to ``SegformerConfig``.
+        decoder_hidden_size: width of the all-MLP decoder.
+        drop_path_rate, classifier_dropout_prob: passed to ``SegformerConfig``.
+        attn_implementation: ``"eager"`` (``FlopCounterMode`` counts it) or ``"sdpa"``.
+        prune_at_stage: 1-based stage on whose patch-embedding tokens the pruner runs; that stage and
+            every later one run on kept tokens.
+        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None means no pruning.
+        pretrained: optional local path of a ``SegformerForSemanticSegmentation`` state dict.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: int = 224,
+        hidden_sizes: Sequence[int] = (64, 128, 320, 512),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        num_attention_heads: Sequence[int] = (1, 2, 5, 8),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        patch_sizes: Sequence[int] = (7, 3, 3, 3),
+        strides: Sequence[int] = (4, 2, 2, 2),
+        mlp_ratios: Sequence[int] = (4, 4, 4, 4),
+        decoder_hidden_size: int = 768,
+        drop_path_rate: float = 0.1,
+        classifier_dropout_prob: float = 0.1,
+        attn_implementation: AttnImplementation = "eager",
+        prune_at_stage: int = 2,
+        pruner: PrunerFactory | None = None,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        per_stage = {
+            "hidden_sizes": hidden_sizes,
+            "depths": depths,
+            "num_attention_heads": num_attention_heads,
+            "sr_ratios": sr_ratios,
+            "patch_sizes": patch_sizes,
+            "strides": strides,
+            "mlp_ratios": mlp_ratios,
+        }
+        stages = {name: tuple(int(v) for v in values) for name, values in per_stage.items()}
+        _check_stages(stages, img_size, prune_at_stage)
+        if attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
+        num_stages = len(stages["depths"])
+        config = SegformerConfig(
+            num_channels=in_channels,
+            num_labels=out_channels,
+            num_encoder_blocks=num_stages,
+            decoder_hidden_size=decoder_hidden_size,
+            drop_path_rate=drop_path_rate,
+            classifier_dropout_prob=classifier_dropout_prob,
+            attn_implementation=attn_implementation,
+            **{name: list(values) for name, values in stages.items()},
+        )
+        self.segformer = SegformerForSemanticSegmentation(config)
+        if not hasattr(self.segformer.segformer, "stages"):
+            raise RuntimeError(
+                "PrunableSegFormer needs the SegFormer module layout of transformers >= 5 (stages, q_proj, "
+                f"fc1); transformers {transformers.__version__} is installed"
+            )
+        self.img_size = img_size
+        self.depths = stages["depths"]
+        self.strides = stages["strides"]
+        self.prune_at_stage = prune_at_stage
+        for stage in self.stages[prune_at_stage - 1 :]:
+            for block in stage.blocks:
+                block.__class__ = PrunableSegformerLayer
+        factory = pruner or NoPruner
+        point = factory(dim=stages["hidden_sizes"][prune_at_stage - 1])
+        if point.needs_attention:
+            raise ValueError(
+                f"{type(point).__name__} needs the previous block's attention, which SegFormer does not have "
+                "at a patch embedding (its tokens are new there)"
+            )
+        self.pruners = nn.ModuleDict({str(prune_at_stage): point})
+        if pretrained:
+            load_pretrained(self.segformer, pretrained)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The library's encoder stages (``patch_embeddings``, ``blocks``, ``layer_norm``)."""
+        return self.segformer.segformer.stages
+
+    def forward(
+        self, image: Tensor, box_xyxy: Tensor | None = None, prune_enabled: Tensor | None = None
+    ) -> SegOutput:
+        """Segment ``image`` ``(B, C, H, W)`` given one box per image ``box_xyxy`` ``(B, 4)``.
+
+        Returns logits ``(B, K, H, W)``: the decoder's 1/4-scale logits upsampled bilinearly.
+        """
+        pruner: TokenPruner = self.pruners[str(self.prune_at_stage)]
+        active = pruner.active
+        if active and box_xyxy is None:
+            raise ValueError("a box prompt (box_xyxy) is required when a pruner is active")
+        total = sum(self.depths)
+        first = sum(self.depths[: self.prune_at_stage - 1]) + 1
+        trace = PruningTrace(first_pruned_block=first if active else total + 1)
+        image_hw = (image.shape[-2], image.shape[-1])
+        ones = image.new_ones(image.shape[0])
+        fractions: list[Tensor] = []
+        maps: list[Tensor] = []
+        hidden = image
+        keep: Tensor | None = None  # (B, Z) grid keep of the current stage once pruning runs on kept tokens
+        grid_hw = (0, 0)
+        for index, stage in enumerate(self.stages, start=1):
+            tokens, h, w = stage.patch_embeddings(hidden)  # (B, Z, C)
+            carry = tokens
+            if active and index == self.prune_at_stage:
+                trace.grid_hw = (h, w)
+                tokens, point_keep = self._prune(
+                    pruner, tokens, (h, w), image_hw, box_xyxy, prune_enabled, trace
+                )
+                keep = None if pruner.mode == "zero_once" else point_keep
+            elif keep is not None:
+                keep = child_keep(keep, grid_hw, (h, w), self.strides[index - 1])
+            grid_hw = (h, w)
+
+            if keep is None:
+                for block in stage.blocks:
+                    tokens = block(tokens, h, w)
+                out = stage.layer_norm(tokens)  # (B, Z, C)
+                decoder_in = out
+                fractions += [ones] * len(stage.blocks)
+            else:
+                out = self._run_pruned_stage(stage, tokens, keep, (h, w), pruner.mode)
+                decoder_in = out
+                if pruner.fill == "carry":
+                    decoder_in = torch.where(keep[..., None], out, stage.layer_norm(carry))
+                fractions += [keep.to(image.dtype).mean(dim=1)] * len(stage.blocks)
+            maps.append(_to_map(decoder_in, h, w))
+            hidden = _to_map(out, h, w)
+
+        trace.block_keep_fraction = torch.stack(fractions, dim=1)
+        logits = self.segformer.decode_head(tuple(maps))  # (B, K, H/4, W/4)
+        logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
+        return SegOutput(logits=logits, trace=trace)
+
+    def _prune(
+        self,
+        pruner: TokenPruner,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        image_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        prune_enabled: Tensor | None,
+        trace: PruningTrace,
+    ) -> tuple[Tensor, Tensor]:
+        """Score the ``(B, Z, C)`` embedding tokens; return them scaled (STE) or zeroed and the keep grid."""
+        result: PruneResult = pruner(tokens, grid_hw, box_xyxy, image_hw)
+        keep, scale = result.keep, result.token_scale
+        if prune_enabled is not None:
+            exempt = ~prune_enabled.to(device=keep.device, dtype=torch.bool)[:, None]
+            keep = keep | exempt
+            if scale is not None:
+                scale = torch.where(exempt, torch.ones_like(scale), scale)
+            result.keep = keep
+        if scale is not None:
+            tokens = tokens * scale[..., None].to(tokens.dtype)
+        if pruner.mode == "zero_once":
+            tokens = tokens * keep[..., None].to(tokens.dtype)
+        trace.results.append(result)
+        trace.keep_grids.append(keep)
+        return tokens, keep
+
+    @staticmethod
+    def _run_pruned_stage(
+        stage: nn.Module, tokens: Tensor, keep: Tensor, grid_hw: tuple[int, int], mode: str
+    ) -> Tensor:
+        """A stage's blocks and LayerNorm on its kept tokens; returns the ``(B, Z, C)`` zero-filled grid."""
+        if mode == "drop":
+            alive = gather_kept(AliveTokens.full_grid(tokens), keep)
+        else:
+            positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+            alive = AliveTokens(tokens * keep[..., None].to(tokens.dtype), positions, keep)
+        layout = StageGrid(alive.positions, alive.valid, keep, grid_hw, full_grid=mode == "mask")
+        x = alive.tokens
+        for block in stage.blocks:
+            x = block(x, *grid_hw, stage_grid=layout)
+        return layout.to_grid(stage.layer_norm(x))
+
+    def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
+        """``(B, stages)`` fraction of each stage's grid alive (from ``trace.block_keep_fraction``)."""
+        if trace.block_keep_fraction is None:
+            raise ValueError("the trace holds no block_keep_fraction; take it from this model's forward")
+        starts = [sum(self.depths[:i]) for i in range(len(self.depths))]
+        return trace.block_keep_fraction[:, starts]
+
+    def pruned_part(self) -> list[str]:
+        """Module names of what runs after the pruning point (for FLOP ratios).
+
+        The pruned stage's blocks and final norm, and every later stage whole (its patch embedding runs on
+        the zero-filled grid).
+        """
+        s = self.prune_at_stage - 1
+        prefix = "segformer.segformer.stages"
+        names = [f"{prefix}.{s}.blocks", f"{prefix}.{s}.layer_norm"]
+        return names + [f"{prefix}.{i}" for i in range(s + 1, len(self.stages))]
+
+    @torch.no_grad()
+    def reference_forward(self, image: Tensor) -> Tensor:
+        """The library's own, unpatched forward, its logits upsampled as :meth:`forward` does."""
+        logits = self.segformer(pixel_values=image).logits
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _check_stages(stages: dict[str, tuple[int, ...]], img_size: int, prune_at_stage: int) -> None:
+    """Raise a ValueError naming the setting when the per-stage configuration cannot run."""
+    num_stages = len(stages["depths"])
+    wrong = {name: len(v) for name, v in stages.items() if len(v) != num_stages}
+    if num_stages == 0 or wrong:
+        raise ValueError(f"every per-stage setting needs one entry per stage ({num_stages}), got {wrong}")
+    bad = {name: list(v) for name, v in stages.items() if min(v) < 1}
+    if bad:
+        raise ValueError(f"per-stage settings must be positive integers, got {bad}")
+    if not 1 <= prune_at_stage <= num_stages:
+        raise ValueError(f"prune_at_stage must be a 1-based stage in 1..{num_stages}, got {prune_at_stage}")
+    for stage, (c, heads) in enumerate(
+        zip(stages["hidden_sizes"], stages["num_attention_heads"], strict=True), 1
+    ):
+        if c % heads:
+            raise ValueError(f"stage {stage}: hidden size {c} is not divisible by {heads} heads")
+    even = [i + 1 for i in range(prune_at_stage, num_stages) if stages["patch_sizes"][i] % 2 == 0]
+    if even:
+        raise ValueError(
+            f"stages {even} after the pruning point need odd patch sizes, so each token has a whole "
+            f"stride footprint of parents; got patch_sizes={list(stages['patch_sizes'])}"
+        )
+    side = img_size
+    for stage, (stride, sr) in enumerate(zip(stages["strides"], stages["sr_ratios"], strict=True), 1):
+        side = -(-side // stride)
+        if side < sr:
+            raise ValueError(
+                f"img_size {img_size} gives stage {stage} a {side} x {side} grid, smaller than its "
+                f"sr ratio {sr}; use a larger input"
+            )
+
+
+def _to_map(tokens: Tensor, h: int, w: int) -> Tensor:
+    """``(B, h * w, C)`` row-major tokens -> ``(B, C, h, w)``, as the library's stages reshape."""
+    return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
