@@ -116,7 +116,7 @@ def run_pruned_blocks(
         if pruner is not None:
             if carry is not None:
                 carry = on_grid(alive, carry)
-            alive, grid_alive, key_keep = _apply_pruner(
+            alive, grid_alive, key_keep = apply_pruner(
                 pruner, alive, grid_alive, grid_hw, image_hw, box_xyxy, prune_enabled, trace
             )
         if index in skip_blocks:
@@ -128,7 +128,7 @@ def run_pruned_blocks(
     return EncoderOutput(skips=skips, final=final, trace=trace)
 
 
-def _apply_pruner(
+def apply_pruner(
     pruner: TokenPruner,
     alive: AliveTokens,
     grid_alive: Tensor,

@@ -1,0 +1,442 @@
+"""Swin UNETR (MONAI, 2-D) with PrATo on the tokens of a Swin stage's ``PatchMerging``.
+
+The wrapper owns MONAI's :class:`monai.networks.nets.SwinUNETR` (its modules and weights; two class
+swaps, listed at the end, change no output where MONAI runs) and runs its parts itself: the
+patch embedding and the stages up to the pruning point through MONAI's own ``BasicLayer``, then the
+pruner on the merged tokens (``prune_after_stage = 1``: the output of ``swinViT.layers1``, 1/4 of the
+input side with MONAI's patch size 2), then the later stages on the kept tokens, and finally MONAI's
+convolutional encoders and decoders on the hidden states scattered back to their grids.
+
+What ``drop`` executes in a Swin block after the pruning point:
+
+- on the kept tokens only: ``norm1``, ``qkv``, ``proj``, ``norm2`` and the MLP (gathered tokens);
+- on the grid: the window partition and the cyclic shift. Each kept token is placed in its window
+  of the padded, shifted grid; windows holding no kept token are not computed at all. In a computed
+  window, pruned places are masked as keys with ``-inf`` on top of the relative-position bias and
+  MONAI's shift mask; padded places hold ``qkv(0)`` as in MONAI (they are keys there too), so an image
+  exempt from pruning gets MONAI's own computation.
+
+Between stages a merged token is kept if any of its 2 x 2 parents is kept; the merge reads the grid
+with pruned places zero (``fill`` does not change what kept tokens compute), and its ``norm`` and
+``reduction`` run on the kept merged tokens only. The hidden states MONAI's decoder reads
+(``hidden_states_out[s:]`` from the pruning point on) are scattered back to their grids, pruned places
+filled per ``fill``: zeros, or (``carry``) the value at the pruning point, carried through the later
+merges (``norm`` and ``reduction`` then also run on the pruned merged places) but through no block.
+
+``mask`` runs every block on the full grid, with the same key mask and the pruned places re-zeroed
+after each residual branch; it equals ``drop`` up to floating-point error. ``zero_once`` zeroes the
+pruned tokens once and runs MONAI's stages unchanged. The ``none`` pruner runs MONAI's computation.
+
+To count attention FLOPs under their stage, the blocks after the pruning point are given the class
+:class:`PrunableSwinBlock` (a subclass of MONAI's block whose forward without the extra arguments is
+MONAI's), and the instance norms :class:`InstanceNormAnySize` (MONAI's SwinUNETR cannot run at a 32 px
+input otherwise); parameters, state-dict keys and outputs are unchanged wherever MONAI runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import (
+    BasicLayer,
+    PatchMerging,
+    SwinTransformerBlock,
+    WindowAttention,
+    get_window_size,
+)
+from torch import Tensor, nn
+
+from prato_exp.models.base import PruningTrace, SegOutput
+from prato_exp.models.plain_vit import apply_pruner
+from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
+from prato_exp.models.weights import load_pretrained
+from prato_exp.models.window_ops import (
+    WindowBatch,
+    gather_windows,
+    merge_2x2,
+    merge_keep,
+    scatter_windows,
+    window_batch,
+    window_layout,
+)
+from prato_exp.pruning.base import NoPruner, PruneMode, TokenPruner
+
+PrunerFactory = Callable[..., TokenPruner]
+NUM_STAGES = 4
+
+
+def window_attention(attn: WindowAttention, qkv: Tensor, batch: WindowBatch) -> Tensor:
+    """MONAI's window attention on gathered windows, with non-key slots masked by ``-inf``.
+
+    Args:
+        attn: the block's ``WindowAttention`` (its bias table, scale, softmax and dropout are used).
+        qkv: ``(Wa, T, 3C)`` the ``qkv`` projections of the window slots.
+        batch: the computed windows, their key mask and shift mask.
+
+    Returns:
+        ``(Wa, T, C)`` attention output before ``proj``.
+    """
+    wa, t, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.reshape(wa, t, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    index = attn.relative_position_index[:t, :t].reshape(-1)
+    bias = attn.relative_position_bias_table[index].reshape(t, t, -1).permute(2, 0, 1)  # (nh, T, T)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)  # (Wa, nh, T, T)
+    if batch.shift_mask is not None:
+        logits = logits + batch.shift_mask.unsqueeze(1)
+    logits = logits.masked_fill(~batch.key_ok[:, None, None, :], float("-inf"))
+    probs = attn.attn_drop(attn.softmax(logits)).to(v.dtype)
+    return (probs @ v).transpose(1, 2).reshape(wa, t, c)
+
+
+class InstanceNormAnySize(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` that also takes a 1 x 1 map (torch raises there).
+
+    Normalising one value gives 0 (then the affine part): ``x - mean`` is 0 and so is the variance.
+    Larger maps go through ``nn.InstanceNorm2d`` unchanged. MONAI's SwinUNETR has a 1 x 1 bottleneck
+    (``encoder10``) at a 32 px input, where it cannot run at all without this.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Instance norm of ``x`` ``(B, C, h, w)``."""
+        if x.shape[-2] * x.shape[-1] > 1 or self.track_running_stats:
+            return super().forward(x)
+        out = x - x.mean(dim=(-2, -1), keepdim=True)
+        if self.affine:
+            out = out * self.weight[:, None, None] + self.bias[:, None, None]
+        return out
+
+
+class PrunableSwinBlock(SwinTransformerBlock):
+    """MONAI's ``SwinTransformerBlock`` that can also run on a set of alive tokens.
+
+    Called as MONAI calls it (``block(x (B, h, w, C), mask_matrix)``) it is MONAI's block. Called with
+    ``windows`` it runs on tokens ``(B, N, C)``: token-wise layers on those tokens, attention in the
+    windows of ``windows``.
+    """
+
+    def forward(
+        self,
+        x: Tensor,
+        mask_matrix: Tensor | None = None,
+        *,
+        windows: WindowBatch | None = None,
+        valid: Tensor | None = None,
+        rezero: Tensor | None = None,
+    ) -> Tensor:
+        """MONAI's forward, or (with ``windows``) the pruned forward on tokens ``x`` ``(B, N, C)``.
+
+        Args:
+            x: ``(B, h, w, C)`` grid (MONAI) or ``(B, N, C)`` alive tokens.
+            mask_matrix: MONAI's shift mask (MONAI's forward only).
+            windows: where the tokens sit in the windows; selects the pruned forward.
+            valid: ``(B, N)`` bool, False on padding slots.
+            rezero: ``(B, N)`` bool or None; tokens outside it are set to zero after each residual
+                branch (pruned places in ``mask`` mode, padding slots in ``drop`` mode).
+        """
+        if windows is None:
+            return super().forward(x, mask_matrix)
+        if valid is None:
+            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C)
+        pad_value = self.attn.qkv.bias if self.attn.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
+        attended = window_attention(self.attn, gather_windows(qkv, windows, valid, pad_value), windows)
+        attended = scatter_windows(attended, windows, valid)  # (B, N, C)
+        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
+        if rezero is not None:
+            x = x * rezero[..., None].to(x.dtype)
+        x = x + self.forward_part2(x)
+        if rezero is not None:
+            x = x * rezero[..., None].to(x.dtype)
+        return x
+
+
+@dataclass
+class _PrunedGrid:
+    """The state between pruned stages: alive tokens on a ``grid_hw`` grid.
+
+    ``keep`` ``(B, Z)`` marks grid places alive; ``carry`` ``(B, Z, C)`` holds what pruned places show
+    with ``fill="carry"`` (None with ``fill="zero"``).
+    """
+
+    alive: AliveTokens
+    keep: Tensor
+    grid_hw: tuple[int, int]
+    carry: Tensor | None
+
+
+class PrunableSwinUNETR(nn.Module):
+    """MONAI SwinUNETR (2-D, patch 2, four stages) with a pruner after a configurable stage.
+
+    Args:
+        in_channels: image channels.
+        out_channels: classes, background included.
+        img_size: square input side in pixels (a multiple of 32); inputs of any multiple of 32 run.
+        feature_size: channels of the first stage (a multiple of 12); stage ``k`` has
+            ``feature_size * 2 ** (k - 1)``.
+        depths: Swin blocks per stage (four stages).
+        num_heads: attention heads per stage.
+        window_size: attention window side (MONAI pads a grid that it does not divide and uses the
+            whole grid as window where the grid is not larger than the window).
+        mlp_ratio, qkv_bias, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize:
+            passed to MONAI's ``SwinUNETR``.
+        prune_after_stage: the pruner runs on the output of ``swinViT.layers<stage>`` (after its
+            ``PatchMerging``), so stages ``stage + 1 .. 4`` run on kept tokens; 1, 2 or 3.
+        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None: no pruning.
+        pretrained: optional local path of a state dict for MONAI's ``SwinUNETR`` (never downloaded).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: int = 224,
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_name: str = "instance",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        dropout_path_rate: float = 0.0,
+        normalize: bool = True,
+        prune_after_stage: int = 1,
+        pruner: PrunerFactory | None = None,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        if img_size % 32:
+            raise ValueError(
+                f"SwinUNETR needs an input side divisible by 32 (patch 2, 4 merges), got {img_size}"
+            )
+        if len(depths) != NUM_STAGES or len(num_heads) != NUM_STAGES:
+            raise ValueError(f"depths and num_heads need one entry per stage (4), got {depths}, {num_heads}")
+        if not 1 <= prune_after_stage < NUM_STAGES:
+            raise ValueError(
+                f"prune_after_stage must be 1, 2 or 3 (stages after it run pruned), got {prune_after_stage}"
+            )
+        self.swin_unetr = SwinUNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            window_size=window_size,
+            qkv_bias=qkv_bias,
+            mlp_ratio=mlp_ratio,
+            feature_size=feature_size,
+            norm_name=norm_name,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            dropout_path_rate=dropout_path_rate,
+            normalize=normalize,
+            spatial_dims=2,
+        )
+        self.img_size = img_size
+        self.normalize = normalize
+        self.depths = tuple(depths)
+        self.prune_after_stage = prune_after_stage
+        for module in self.swin_unetr.modules():
+            if type(module) is nn.InstanceNorm2d:
+                module.__class__ = InstanceNormAnySize
+        for layer in self.stages()[prune_after_stage:]:
+            for block in layer.blocks:
+                block.__class__ = PrunableSwinBlock
+        factory = pruner or NoPruner
+        dim = feature_size * 2**prune_after_stage
+        self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim)})
+        if pretrained:
+            load_pretrained(self.swin_unetr, pretrained)
+
+    def stages(self) -> list[BasicLayer]:
+        """MONAI's four Swin stages, ``swinViT.layers1[0]`` .. ``layers4[0]``."""
+        vit = self.swin_unetr.swinViT
+        return [vit.layers1[0], vit.layers2[0], vit.layers3[0], vit.layers4[0]]
+
+    def forward(
+        self, image: Tensor, box_xyxy: Tensor | None = None, prune_enabled: Tensor | None = None
+    ) -> SegOutput:
+        """Segment ``image`` ``(B, C, H, W)`` given one box per image ``box_xyxy`` ``(B, 4)``."""
+        net = self.swin_unetr
+        net._check_input_size(image.shape[2:])
+        vit = net.swinViT
+        point = self.prune_after_stage
+        pruner = self.pruners[str(point)]
+        if pruner.active and box_xyxy is None:
+            raise ValueError("a box prompt (box_xyxy) is required when a pruner is active")
+        stages = self.stages()
+
+        x = vit.pos_drop(vit.patch_embed(image))  # (B, C, H/2, W/2)
+        hidden = [vit.proj_out(x, self.normalize)]
+        for layer in stages[:point]:
+            x = layer(x.contiguous())
+            hidden.append(vit.proj_out(x, self.normalize))
+
+        ones = x.new_ones(x.shape[0])
+        fractions = [ones] * sum(self.depths[:point])
+        trace = PruningTrace(grid_hw=(x.shape[-2], x.shape[-1]), first_pruned_block=sum(self.depths) + 1)
+        image_hw = (image.shape[-2], image.shape[-1])
+        if pruner.active:
+            trace.first_pruned_block = sum(self.depths[:point]) + 1
+        if pruner.active and pruner.mode != "zero_once":
+            pruned_hidden, pruned_fractions = self._run_pruned(
+                x, stages[point:], pruner, image_hw, box_xyxy, prune_enabled, trace
+            )
+            hidden[point:] = pruned_hidden
+            fractions += pruned_fractions
+        else:
+            if pruner.active:  # zero_once: the paper's literal Y' = beta * Y, then MONAI's stages
+                alive, _, _ = apply_pruner(
+                    pruner,
+                    AliveTokens.full_grid(x.flatten(2).transpose(1, 2)),
+                    torch.ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool, device=x.device),
+                    trace.grid_hw,
+                    image_hw,
+                    box_xyxy,
+                    prune_enabled,
+                    trace,
+                )
+                x = alive.tokens.transpose(1, 2).reshape(x.shape)
+                hidden[point] = vit.proj_out(x, self.normalize)
+            for layer in stages[point:]:
+                x = layer(x.contiguous())
+                hidden.append(vit.proj_out(x, self.normalize))
+            fractions += [ones] * sum(self.depths[point:])
+        trace.block_keep_fraction = torch.stack(fractions, dim=1)
+        return SegOutput(logits=self._decode(image, hidden), trace=trace)
+
+    def _run_pruned(
+        self,
+        x: Tensor,
+        stages: Sequence[BasicLayer],
+        pruner: TokenPruner,
+        image_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        prune_enabled: Tensor | None,
+        trace: PruningTrace,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Prune the grid ``x`` ``(B, C, h, w)`` and run ``stages`` on what is kept (drop or mask).
+
+        Returns the hidden states from the pruning point on (``(B, C_k, h_k, w_k)`` each) and the
+        ``(B,)`` keep fraction at the input of every block of ``stages``.
+        """
+        mode = pruner.mode
+        b, _, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, Z, C)
+        full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
+        alive, keep, _ = apply_pruner(
+            pruner, AliveTokens.full_grid(tokens), full, (h, w), image_hw, box_xyxy, prune_enabled, trace
+        )
+        state = _PrunedGrid(alive, keep, (h, w), tokens if pruner.fill == "carry" else None)
+        hidden = [self._hidden(state, mode)]
+        fractions: list[Tensor] = []
+        for layer in stages:
+            state, stage_fractions = self._run_blocks(layer, state, mode)
+            fractions += stage_fractions
+            state = self._merge(layer.downsample, state, mode)
+            hidden.append(self._hidden(state, mode))
+        return hidden, fractions
+
+    @staticmethod
+    def _run_blocks(
+        layer: BasicLayer, state: _PrunedGrid, mode: PruneMode
+    ) -> tuple[_PrunedGrid, list[Tensor]]:
+        """Run the Swin blocks of ``layer`` on the alive tokens of ``state``."""
+        alive, grid = state.alive, state.grid_hw
+        num_grid = grid[0] * grid[1]
+        key_alive = state.keep.gather(1, alive.positions) & alive.valid
+        rezero = None if bool(key_alive.all()) else key_alive
+        fraction = state.keep.sum(dim=1).to(alive.tokens.dtype) / num_grid
+        batches: dict[tuple[tuple[int, ...], tuple[int, ...]], WindowBatch] = {}
+        tokens = alive.tokens
+        for block in layer.blocks:
+            window, shift = get_window_size(grid, block.window_size, block.shift_size)
+            if (window, shift) not in batches:
+                layout = window_layout(grid, window, shift, tokens.device)
+                batches[window, shift] = window_batch(layout, alive.positions, alive.valid, key_alive)
+            tokens = block(tokens, windows=batches[window, shift], valid=alive.valid, rezero=rezero)
+        out = _PrunedGrid(AliveTokens(tokens, alive.positions, alive.valid), state.keep, grid, state.carry)
+        return out, [fraction] * len(layer.blocks)
+
+    @staticmethod
+    def _merge(downsample: PatchMerging, state: _PrunedGrid, mode: PruneMode) -> _PrunedGrid:
+        """MONAI's ``PatchMerging`` on the zero-filled grid, computed for the kept merged tokens only."""
+        b = state.keep.shape[0]
+        h, w = state.grid_hw
+        grid = _zero_filled(state, mode).view(b, h, w, -1)
+        merged = merge_2x2(grid)  # (B, h2, w2, 4C)
+        merged_hw = (merged.shape[1], merged.shape[2])
+        merged = merged.flatten(1, 2)
+        keep = merge_keep(state.keep.view(b, h, w)).flatten(1)  # (B, Z2)
+
+        def reduce(tokens: AliveTokens) -> AliveTokens:
+            out = downsample.reduction(downsample.norm(tokens.tokens))
+            return AliveTokens(out * tokens.valid[..., None].to(out.dtype), tokens.positions, tokens.valid)
+
+        if mode == "drop":
+            alive = reduce(gather_kept(AliveTokens.full_grid(merged), keep))
+        else:
+            alive = reduce(AliveTokens.full_grid(merged))
+            alive.tokens = alive.tokens * keep[..., None].to(alive.tokens.dtype)
+        carry = None
+        if state.carry is not None:
+            filled = merge_2x2(_on_grid(state, mode).view(b, h, w, -1)).flatten(1, 2)
+            pruned = reduce(gather_kept(AliveTokens.full_grid(filled), ~keep))
+            carry = scatter_to_grid(pruned, keep.shape[1])
+        return _PrunedGrid(alive, keep, merged_hw, carry)
+
+    def _hidden(self, state: _PrunedGrid, mode: PruneMode) -> Tensor:
+        """MONAI's ``proj_out`` of the grid of ``state``: ``(B, C, h, w)``, pruned places per ``fill``."""
+        grid = _on_grid(state, mode)
+        b, _, c = grid.shape
+        grid = grid.transpose(1, 2).reshape(b, c, *state.grid_hw)
+        return self.swin_unetr.swinViT.proj_out(grid, self.normalize)
+
+    def _decode(self, image: Tensor, hidden: Sequence[Tensor]) -> Tensor:
+        """MONAI's encoders and decoders on the five hidden states (as in ``SwinUNETR.forward``)."""
+        net = self.swin_unetr
+        enc0 = net.encoder1(image)
+        enc1 = net.encoder2(hidden[0])
+        enc2 = net.encoder3(hidden[1])
+        enc3 = net.encoder4(hidden[2])
+        dec4 = net.encoder10(hidden[4])
+        dec3 = net.decoder5(dec4, hidden[3])
+        dec2 = net.decoder4(dec3, enc3)
+        dec1 = net.decoder3(dec2, enc2)
+        dec0 = net.decoder2(dec1, enc1)
+        return net.out(net.decoder1(dec0, enc0))
+
+    def pruned_part(self) -> list[str]:
+        """Module names of the stages after the pruning point (for FLOP ratios)."""
+        return [f"swin_unetr.swinViT.layers{k}" for k in range(self.prune_after_stage + 1, NUM_STAGES + 1)]
+
+    def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
+        """``(B, 4)`` fraction of each stage's grid alive in its blocks (1 before the pruning point)."""
+        if trace.block_keep_fraction is None:
+            raise ValueError("the trace has no block_keep_fraction; pass the trace of this model's forward")
+        return torch.stack([f.mean(dim=1) for f in trace.block_keep_fraction.split(self.depths, dim=1)], 1)
+
+    @torch.no_grad()
+    def reference_forward(self, image: Tensor) -> Tensor:
+        """MONAI's own ``SwinUNETR.forward`` (for tests that pruning-off changes nothing)."""
+        return self.swin_unetr(image)
+
+
+def _zero_filled(state: _PrunedGrid, mode: PruneMode) -> Tensor:
+    """``(B, Z, C)`` the alive tokens on their grid, pruned places zero."""
+    num_grid = state.keep.shape[1]
+    return scatter_to_grid(state.alive, num_grid) if mode == "drop" else state.alive.tokens
+
+
+def _on_grid(state: _PrunedGrid, mode: PruneMode) -> Tensor:
+    """``(B, Z, C)`` the alive tokens on their grid, pruned places filled with ``carry`` (or zero)."""
+    if mode == "drop":
+        return scatter_to_grid(state.alive, state.keep.shape[1], state.carry)
+    grid = state.alive.tokens
+    if state.carry is not None:
+        grid = torch.where(state.keep[..., None], grid, state.carry)
+    return grid
