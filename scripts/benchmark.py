@@ -93,29 +93,48 @@ def mean_sparsity(net: nn.Module, image, box) -> float:
     return 0.0 if sparsity is None else float(sparsity.mean())
 
 
-def measure(
-    net: nn.Module, images, boxes, batch_sizes: list[int], warmup: int, repeats: int, device
-) -> dict[str, Any]:
-    """FLOPs (batch 1, mean over the images), sparsity and per-batch-size latency of one network."""
-    net.to(device)
+def measure_static(net: nn.Module, images, boxes) -> dict[str, Any]:
+    """FLOPs (batch 1, mean over the images) and sparsity of one network."""
     reports = [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
     part = net.pruned_part()
-    row: dict[str, Any] = {
+    return {
         "gflops": statistics.fmean(r.total_flops for r in reports) / 1e9,
         "part_gflops": statistics.fmean(r.flops_under(part) for r in reports) / 1e9,
         "sparsity": mean_sparsity(net, images, boxes),
     }
-    for bs in batch_sizes:
-        reps = -(-bs // len(images))
-        x, b = images.repeat(reps, 1, 1, 1)[:bs], boxes.repeat(reps, 1)[:bs]
-        with torch.no_grad():
-            lat = measure_latency(lambda x=x, b=b: net(x, b), warmup=warmup, repeats=repeats, device=device)
-        row[f"ms_b{bs}"] = lat.median_ms
-        row[f"img_per_s_b{bs}"] = bs / (lat.median_ms / 1e3)
-        row[f"peak_mb_b{bs}"] = lat.peak_memory_mb
-        if any(p.active for p in net.pruners.values()):
-            row[f"prune_ms_b{bs}"] = time_pruners(net, x, b, warmup, repeats, device)
-    return row
+
+
+def measure_latencies(
+    nets: list[nn.Module], rows: list[dict[str, Any]], images, boxes, bs: int, args, device
+) -> None:
+    """Median latency of every network at batch ``bs``, timed in interleaved rounds.
+
+    Each of ``args.rounds`` rounds times every network ``repeats / rounds`` times in turn, so a slow
+    drift of the machine (other tenants, clocks) affects all configurations alike; the median is over
+    all timed runs of a network. The PrATo scoring alone is timed the same way.
+    """
+    reps = -(-bs // len(images))
+    x, b = images.repeat(reps, 1, 1, 1)[:bs], boxes.repeat(reps, 1)[:bs]
+    per_round = max(1, args.repeats // args.rounds)
+    times: list[list[float]] = [[] for _ in nets]
+    prune_times: list[list[float]] = [[] for _ in nets]
+    peaks = [0.0 for _ in nets]
+    for round_index in range(args.rounds):
+        warmup = args.warmup if round_index == 0 else 1
+        for i, net in enumerate(nets):
+            with torch.no_grad():
+                lat = measure_latency(lambda n=net: n(x, b), warmup=warmup, repeats=per_round, device=device)
+            times[i] += lat.times_ms
+            peaks[i] = max(peaks[i], lat.peak_memory_mb)
+            if any(p.active for p in net.pruners.values()):
+                prune_times[i].append(time_pruners(net, x, b, warmup, per_round, device))
+    for i, row in enumerate(rows):
+        median = statistics.median(times[i])
+        row[f"ms_b{bs}"] = median
+        row[f"img_per_s_b{bs}"] = bs / (median / 1e3)
+        row[f"peak_mb_b{bs}"] = peaks[i]
+        if prune_times[i]:
+            row[f"prune_ms_b{bs}"] = statistics.median(prune_times[i])
 
 
 def main() -> None:
@@ -134,7 +153,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--images", type=int, default=4, help="phantom images for FLOP averaging")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per network and batch size")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the repeats are split into")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -152,12 +172,21 @@ def main() -> None:
     runs += [(p, m) for p in args.pruning for m in args.modes]
     rows = []
     started = time.time()
+    nets = []
     for pruning, mode in runs:
-        net = build(args.model, pruning, mode, args.input_size, source, args.override)
-        row = {"model": args.model, "pruning": pruning, "mode": mode or "-"}
-        row.update(measure(net, images, boxes, args.batch_sizes, args.warmup, args.repeats, device))
-        rows.append(row)
-        print(f"done {pruning} {mode or ''} ({time.time() - started:.0f} s)", flush=True)
+        net = build(args.model, pruning, mode, args.input_size, source, args.override).to(device)
+        rows.append(
+            {
+                "model": args.model,
+                "pruning": pruning,
+                "mode": mode or "-",
+                **measure_static(net, images, boxes),
+            }
+        )
+        nets.append(net)
+    for bs in args.batch_sizes:
+        measure_latencies(nets, rows, images, boxes, bs, args, device)
+        print(f"timed batch {bs} ({time.time() - started:.0f} s)", flush=True)
     add_ratios(rows, args.batch_sizes)
     table = markdown_table(rows, args.batch_sizes)
     print(table)
@@ -225,7 +254,8 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: s
         f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight boxes, random init",
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
         " part = the blocks after the first pruning point; ratios are pruned / unpruned (`none`);"
-        f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs;"
+        f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
+        " interleaved rounds over all configurations;"
         " scoring/unpruned = the pruner calls alone / the unpruned model's time;"
         " peak MB = the process's peak RSS during the timed runs (CPU) or peak allocated memory (CUDA)",
         "",
