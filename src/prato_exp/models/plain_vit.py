@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import PruningTrace
 from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
-from prato_exp.pruning.base import TokenPruner
+from prato_exp.pruning.base import NoPruner, TokenPruner
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
@@ -36,6 +36,21 @@ class EncoderOutput:
     skips: dict[int, Tensor]
     final: Tensor
     trace: PruningTrace
+
+
+def check_block_indices(name: str, points: Sequence[int], depth: int) -> tuple[int, ...]:
+    """``points`` sorted, or a ValueError when one is not a 1-based block index in ``1..depth``."""
+    if any(not 1 <= i <= depth for i in points):
+        raise ValueError(f"{name} must be 1-based block indices in 1..{depth}, got {list(points)}")
+    return tuple(sorted(points))
+
+
+def build_pruners(
+    factory: Callable[..., TokenPruner] | None, points: Sequence[int], dim: int
+) -> nn.ModuleDict:
+    """One pruner per pruning point, keyed by the point; the ``none`` pruner when ``factory`` is None."""
+    factory = factory or NoPruner
+    return nn.ModuleDict({str(i): factory(dim=dim) for i in points})
 
 
 def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:

@@ -30,9 +30,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.plain_vit import run_pruned_blocks, timm_block_runner
+from prato_exp.models.plain_vit import (
+    build_pruners,
+    check_block_indices,
+    run_pruned_blocks,
+    timm_block_runner,
+)
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, TokenPruner
+from prato_exp.pruning.base import TokenPruner
 
 PrunerFactory = Callable[..., TokenPruner]
 
@@ -169,11 +174,7 @@ class PrunableTransUNet(nn.Module):
                 f"got decoder_channels={list(decoder_channels)}"
             )
         _check_cnn_widths(stem_channels, cnn_channels, cnn_norm_groups)
-        bad = [i for i in prune_after if not 1 <= i <= depth]
-        if bad:
-            raise ValueError(
-                f"prune_after must be 1-based block indices in 1..{depth}, got {list(prune_after)}"
-            )
+        self.prune_after = check_block_indices("prune_after", prune_after, depth)
 
         backbone = ResNetV2(
             layers=list(cnn_layers),
@@ -208,10 +209,8 @@ class PrunableTransUNet(nn.Module):
             hidden_size, head_channels, decoder_channels, skip_channels, out_channels
         )
         self.grid_hw: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)
-        self.prune_after = tuple(sorted(prune_after))
         self.hidden_size = hidden_size
-        factory = pruner or NoPruner
-        self.pruners = nn.ModuleDict({str(i): factory(dim=hidden_size) for i in self.prune_after})
+        self.pruners = build_pruners(pruner, self.prune_after, hidden_size)
         if pretrained:
             load_pretrained(self.encoder, pretrained)
 

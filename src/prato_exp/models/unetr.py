@@ -15,9 +15,9 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.plain_vit import run_pruned_blocks
+from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, TokenPruner
+from prato_exp.pruning.base import TokenPruner
 
 PrunerFactory = Callable[..., TokenPruner]
 
@@ -75,18 +75,14 @@ class PrunableUNETR(nn.Module):
             qkv_bias=qkv_bias,
         )
         depth = len(self.unetr.vit.blocks)
-        for name, points in (("skip_blocks", skip_blocks), ("prune_after", prune_after)):
-            bad = [i for i in points if not 1 <= i <= depth]
-            if bad:
-                raise ValueError(f"{name} must be 1-based block indices in 1..{depth}, got {list(points)}")
+        check_block_indices("skip_blocks", skip_blocks, depth)
         if len(skip_blocks) != 3:
             raise ValueError(f"UNETR's decoder reads exactly 3 intermediate skips, got {list(skip_blocks)}")
         self.skip_blocks = tuple(skip_blocks)
-        self.prune_after = tuple(sorted(prune_after))
+        self.prune_after = check_block_indices("prune_after", prune_after, depth)
         self.grid_hw = (img_size // 16, img_size // 16)
         self.hidden_size = hidden_size
-        factory = pruner or NoPruner
-        self.pruners = nn.ModuleDict({str(i): factory(dim=hidden_size) for i in self.prune_after})
+        self.pruners = build_pruners(pruner, self.prune_after, hidden_size)
         if pretrained:
             load_pretrained(self.unetr, pretrained)
 
