@@ -108,3 +108,11 @@ def test_block_flops_follow_the_kept_token_arithmetic(q):
     blocks = {f"unetr.vit.blocks.{i}": report.flops_under([f"unetr.vit.blocks.{i}"]) for i in range(12)}
     assert [blocks[f"unetr.vit.blocks.{i}"] for i in range(3)] == [_block_flops(16)] * 3
     assert [blocks[f"unetr.vit.blocks.{i}"] for i in range(3, 12)] == [_block_flops(kept)] * 9
+
+
+def test_whole_image_fallback_box_gives_finite_output_and_exact_counts():
+    image, _ = _inputs()
+    whole = torch.tensor([[0.0, 0.0, SIZE, SIZE]] * 2)
+    out = _net(partial(PrATo, q=25))(image, whole)
+    assert torch.isfinite(out.logits).all()
+    assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [12, 12]
