@@ -31,7 +31,8 @@ def row(run: dict[str, Any]) -> dict[str, str]:
     pruner = cfg["pruning"]["_target_"].rsplit(".", 1)[-1]
     if pruner == "PrATo":
         pruner += f" {cfg['pruning']['threshold']} q={cfg['pruning']['q']} tau={cfg['pruning']['tau']}"
-        pruner += f" after {cfg['model']['prune_after']}"
+        where = {k: v for k, v in cfg["model"].items() if k.startswith("prune_")}
+        pruner += " " + " ".join(f"{k}={v}" for k, v in where.items())
     class_keys = sorted(k for k in scores if k.startswith(f"{split}/case/dsc/"))
 
     def fmt(key: str, digits: int = 4) -> str:
