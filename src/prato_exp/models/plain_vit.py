@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import PruningTrace
 from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
-from prato_exp.pruning.base import NoPruner, TokenPruner
+from prato_exp.pruning.base import NoPruner, PruneResult, TokenPruner
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
@@ -143,6 +143,24 @@ def run_pruned_blocks(
     return EncoderOutput(skips=skips, final=final, trace=trace)
 
 
+def exempt_and_scale(
+    result: PruneResult, tokens: Tensor, full_keep: Tensor, prune_enabled: Tensor | None
+) -> Tensor:
+    """Apply the ``no_pruning`` exemption and the pruner's token scale at one pruning point.
+
+    Images with ``prune_enabled`` False get ``result.keep = full_keep`` (``(B, N)`` bool) and a scale
+    of 1 (``result`` is updated in place); returns ``tokens`` ``(B, N, C)`` times the (STE) scale.
+    """
+    scale = result.token_scale
+    if prune_enabled is not None:
+        exempt = ~prune_enabled.to(device=result.keep.device, dtype=torch.bool)[:, None]
+        result.keep = torch.where(exempt, full_keep, result.keep)
+        if scale is not None:
+            scale = torch.where(exempt, torch.ones_like(scale), scale)
+            result.token_scale = scale
+    return tokens if scale is None else tokens * scale[..., None].to(tokens.dtype)
+
+
 def apply_pruner(
     pruner: TokenPruner,
     alive: AliveTokens,
@@ -161,14 +179,9 @@ def apply_pruner(
         )
     else:
         result = pruner(alive.tokens, grid_hw, box_xyxy, image_hw, valid=grid_alive)
-    keep, scale = result.keep, result.token_scale
-    if prune_enabled is not None:
-        exempt = ~prune_enabled.to(torch.bool)[:, None]
-        keep = torch.where(exempt, alive.valid if pruner.mode == "drop" else grid_alive, keep)
-        if scale is not None:
-            scale = torch.where(exempt, torch.ones_like(scale), scale)
-        result.keep = keep
-    tokens = alive.tokens if scale is None else alive.tokens * scale[..., None].to(alive.tokens.dtype)
+    full_keep = alive.valid if pruner.mode == "drop" else grid_alive
+    tokens = exempt_and_scale(result, alive.tokens, full_keep, prune_enabled)
+    keep = result.keep
 
     if pruner.mode == "drop":
         kept = gather_kept(AliveTokens(tokens, alive.positions, alive.valid), keep)

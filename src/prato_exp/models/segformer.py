@@ -37,7 +37,7 @@ forward runs inside each block's own module call and ``FlopCounterMode`` attribu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,11 +54,11 @@ from transformers.models.segformer.modeling_segformer import (
 )
 
 from prato_exp.models.base import PruningTrace, SegOutput
+from prato_exp.models.plain_vit import exempt_and_scale
 from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PruneResult, TokenPruner
+from prato_exp.pruning.base import NoPruner, PruneResult, PrunerFactory, TokenPruner
 
-PrunerFactory = Callable[..., TokenPruner]
 AttnImplementation = Literal["eager", "sdpa"]
 
 
@@ -378,15 +378,8 @@ class PrunableSegFormer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Score the ``(B, Z, C)`` embedding tokens; return them scaled (STE) or zeroed and the keep grid."""
         result: PruneResult = pruner(tokens, grid_hw, box_xyxy, image_hw)
-        keep, scale = result.keep, result.token_scale
-        if prune_enabled is not None:
-            exempt = ~prune_enabled.to(device=keep.device, dtype=torch.bool)[:, None]
-            keep = keep | exempt
-            if scale is not None:
-                scale = torch.where(exempt, torch.ones_like(scale), scale)
-            result.keep = keep
-        if scale is not None:
-            tokens = tokens * scale[..., None].to(tokens.dtype)
+        tokens = exempt_and_scale(result, tokens, torch.ones_like(result.keep), prune_enabled)
+        keep = result.keep
         if pruner.mode == "zero_once":
             tokens = tokens * keep[..., None].to(tokens.dtype)
         trace.results.append(result)

@@ -35,7 +35,7 @@ input otherwise); parameters, state-dict keys and outputs are unchanged wherever
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +62,8 @@ from prato_exp.models.window_ops import (
     window_batch,
     window_layout,
 )
-from prato_exp.pruning.base import NoPruner, PruneMode, TokenPruner
+from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner
 
-PrunerFactory = Callable[..., TokenPruner]
 NUM_STAGES = 4
 
 

@@ -20,7 +20,7 @@ Choices made here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -37,9 +37,7 @@ from prato_exp.models.plain_vit import (
     timm_block_runner,
 )
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import TokenPruner
-
-PrunerFactory = Callable[..., TokenPruner]
+from prato_exp.pruning.base import PrunerFactory
 
 _BOTTLE_RATIO = 0.25  # ResNetV2's bottleneck width
 

@@ -8,7 +8,7 @@ MONAI's own encoders and decoders. With the ``none`` pruner the output equals ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import UNETR
@@ -17,9 +17,7 @@ from torch import Tensor, nn
 from prato_exp.models.base import SegOutput
 from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import TokenPruner
-
-PrunerFactory = Callable[..., TokenPruner]
+from prato_exp.pruning.base import PrunerFactory
 
 
 class PrunableUNETR(nn.Module):

@@ -16,7 +16,7 @@ Pruning state lives in the returned :class:`PruneResult`, never in the pruner or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,6 +122,10 @@ class TokenPruner(nn.Module):
         attn: Tensor | None,
     ) -> PruneResult:
         raise NotImplementedError
+
+
+PrunerFactory = Callable[..., "TokenPruner"]
+"""How backbones receive a pruner: ``factory(dim=...) -> TokenPruner`` (a Hydra ``_partial_``)."""
 
 
 class NoPruner(TokenPruner):
