@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from prato_exp.cli.common import build_net
 from prato_exp.data.phantoms import SyntheticCardiacSource
+from prato_exp.pruning.base import PrunerContext, TokenPruner
 
 REAL_DATA = {"acdc": require_acdc, "isic": require_isic}
 
@@ -30,7 +31,8 @@ def test_dataset_choice_builds(choice):
 @pytest.mark.parametrize("choice", group_choices("pruning"))
 def test_pruning_choice_builds_a_pruner(choice):
     factory = instantiate(compose_train([f"pruning={choice}"]).pruning)
-    assert isinstance(factory(dim=16), torch.nn.Module)
+    context = PrunerContext(num_classes=4, grid_hw=(8, 8), depth=12)
+    assert isinstance(factory(dim=16, context=context), TokenPruner)
 
 
 @pytest.mark.parametrize("choice", group_choices("prompt"))

@@ -35,6 +35,15 @@ def test_fast_dev_run_writes_metrics(tmp_path):
     assert results["splits"] == {"train": 8, "val": 2, "test": 2}
 
 
+@pytest.mark.parametrize("pruning", ["random", "dynamicvit", "evovit", "dtop", "stp", "tram"])
+def test_every_baseline_pruner_trains_and_evaluates_through_hydra(tmp_path, pruning):
+    cfg = compose_train([*TINY, "model.img_size=64", f"pruning={pruning}", "+trainer.fast_dev_run=true"])
+    train(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["test/case/dsc_mean"] <= 1.0
+    assert metrics["efficiency"]["gflops_per_image"] > 0
+
+
 def test_a_finished_run_folder_is_never_overwritten(tmp_path):
     cfg = compose_train([*TINY, "+trainer.fast_dev_run=true"])
     train(cfg, tmp_path / "run")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from prato_exp.metrics.segmentation import SegmentationMeter, foreground_token_recall
 from prato_exp.models.base import SegOutput
+from prato_exp.pruning.base import TokenPruner
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,34 @@ class SegmentationModule(pl.LightningModule):
     def model_step(self, batch: dict[str, Any]) -> tuple[Tensor, SegOutput, dict[str, Tensor]]:
         """Forward one batch; return the total loss, the output and every named loss term."""
         out = self(batch["image"], batch["box_xyxy"], batch["prune_enabled"])
-        losses = {"dice_ce": self.loss_fn(out.logits, batch["label"][:, None])}
+        target = batch["label"][:, None]
+        losses = {"dice_ce": self.loss_fn(out.logits, target)}
         losses.update(out.trace.aux_losses())
+        losses.update(self.early_head_losses(out, target))
         return sum(losses.values()), out, losses
+
+    def early_head_losses(self, out: SegOutput, target: Tensor) -> dict[str, Tensor]:
+        """Task loss of every early prediction (DToP's heads), upsampled bilinearly to the label."""
+        points = [(i, r) for i, r in enumerate(out.trace.results) if r.early_logits is not None]
+        losses = {}
+        for i, result in points:
+            logits = F.interpolate(
+                result.early_logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
+            name = "early_head" if len(points) == 1 else f"early_head_{i}"
+            losses[name] = result.early_loss_weight * self.loss_fn(logits, target)
+        return losses
+
+    def _reset_pruner_rngs(self) -> None:
+        for module in self.net.modules():
+            if isinstance(module, TokenPruner):
+                module.reset_rng()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_pruner_rngs()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_pruner_rngs()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, out, losses = self.model_step(batch)

@@ -15,8 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from prato_exp.models.base import PruningTrace
-from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
-from prato_exp.pruning.base import NoPruner, PruneResult, TokenPruner
+from prato_exp.models.block_ops import MonaiBlockParts, PartsFactory, key_bias, run_parts
+from prato_exp.models.token_ops import (
+    AliveTokens,
+    gather_kept,
+    gather_slots,
+    keep_on_grid,
+    kept_order,
+    scatter_to_grid,
+)
+from prato_exp.pruning.base import NoPruner, PrunerContext, PruneResult, TokenPruner
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
@@ -46,11 +54,32 @@ def check_block_indices(name: str, points: Sequence[int], depth: int) -> tuple[i
 
 
 def build_pruners(
-    factory: Callable[..., TokenPruner] | None, points: Sequence[int], dim: int
+    factory: Callable[..., TokenPruner] | None,
+    points: Sequence[int],
+    dim: int,
+    *,
+    num_classes: int,
+    grid_hw: tuple[int, int],
+    depth: int,
 ) -> nn.ModuleDict:
     """One pruner per pruning point, keyed by the point; the ``none`` pruner when ``factory`` is None."""
     factory = factory or NoPruner
-    return nn.ModuleDict({str(i): factory(dim=dim) for i in points})
+    return nn.ModuleDict(
+        {
+            str(i): factory(
+                dim=dim,
+                context=PrunerContext(num_classes, grid_hw, depth, point_index=j, num_points=len(points)),
+            )
+            for j, i in enumerate(points)
+        }
+    )
+
+
+def assembler_names(pruners: nn.ModuleDict, prefix: str = "pruners") -> list[str]:
+    """Module names of token assemblers (STP's MTA): they run after pruning, on the full grid."""
+    return [
+        f"{prefix}.{key}.assembler" for key, p in pruners.items() if getattr(p, "assembler", None) is not None
+    ]
 
 
 def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
@@ -78,6 +107,7 @@ def run_pruned_blocks(
     box_xyxy: Tensor | None,
     prune_enabled: Tensor | None = None,
     run_block: BlockRunner = monai_block_runner,
+    block_parts: PartsFactory = MonaiBlockParts,
 ) -> EncoderOutput:
     """Run ``blocks`` on ``tokens`` ``(B, Z, C)``, pruning after each 1-based block in ``pruners``.
 
@@ -94,6 +124,8 @@ def run_pruned_blocks(
         prune_enabled: ``(B,)`` bool; False exempts an image from pruning (empty-slice
             ``no_pruning`` fallback). All True when None.
         run_block: how to call one block with an optional ``(B, N)`` key keep mask.
+        block_parts: how to split a block into residuals with its attention exposed; used only for
+            pruners that read attention or run blocks themselves.
     """
     num_grid = tokens.shape[1]
     depth = len(blocks)
@@ -111,8 +143,12 @@ def run_pruned_blocks(
     trace = PruningTrace(grid_hw=grid_hw, first_pruned_block=min(active, default=depth) + 1)
     keep_fraction = []
     skips: dict[int, Tensor] = {}
+    state: dict[str, Tensor] = {}
+    runner: TokenPruner | None = None
 
     def on_grid(values: AliveTokens, fill: Tensor | None) -> Tensor:
+        if runner is not None:
+            return runner.grid_view(values.tokens, state)
         if mode == "drop":
             return scatter_to_grid(values, num_grid, fill)
         grid = values.tokens * grid_alive[..., None].to(values.tokens.dtype)
@@ -122,7 +158,15 @@ def run_pruned_blocks(
 
     for index, block in enumerate(blocks, start=1):
         keep_fraction.append(grid_alive.sum(dim=1).to(tokens.dtype) / num_grid)
-        out = run_block(block, alive.tokens, key_keep)
+        observer = next((active[p] for p in sorted(active) if p >= index), None)
+        if runner is not None:
+            out, state = runner.run_block(block_parts(block), alive.tokens, state)
+        elif observer is not None and observer.needs_attention:
+            out, weights = run_parts(block_parts(block), alive.tokens, key_bias(key_keep))
+            seen = alive.valid if key_keep is None else key_keep
+            state = observer.observe_attention(weights.detach(), seen, state, index)
+        else:
+            out = run_block(block, alive.tokens, key_keep)
         if mode == "mask" and key_keep is not None:
             out = out * key_keep[..., None].to(out.dtype)
         alive = AliveTokens(out, alive.positions, alive.valid)
@@ -131,16 +175,33 @@ def run_pruned_blocks(
         if pruner is not None:
             if carry is not None:
                 carry = on_grid(alive, carry)
-            alive, grid_alive, key_keep = apply_pruner(
-                pruner, alive, grid_alive, grid_hw, image_hw, box_xyxy, prune_enabled, trace
+            alive, grid_alive, key_keep, state = apply_pruner(
+                pruner, alive, grid_alive, grid_hw, image_hw, box_xyxy, prune_enabled, trace, state
             )
+            runner = pruner if pruner.runs_blocks() else None
         if index in skip_blocks:
             skips[index] = on_grid(alive, carry)
 
     normed = AliveTokens(norm(alive.tokens), alive.positions, alive.valid)
     final = on_grid(normed, norm(carry) if carry is not None else None)
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
+    if active and carry is not None:
+        first_point = min(active)
+        assembled = active[first_point].assemble(final, carry, exit_points(trace.keep_grids), trace.results)
+        if assembled is not None:
+            final = assembled
+            skips = {i: assembled if i >= first_point else grid for i, grid in skips.items()}
     return EncoderOutput(skips=skips, final=final, trace=trace)
+
+
+def exit_points(keep_grids: Sequence[Tensor]) -> Tensor:
+    """``(B, Z)`` long: the 0-based pruning point that removed each place, -1 if alive to the end."""
+    exit_point = torch.full_like(keep_grids[0], -1, dtype=torch.long)
+    alive = torch.ones_like(keep_grids[0])
+    for point, keep in enumerate(keep_grids):
+        exit_point = torch.where(alive & ~keep, torch.full_like(exit_point, point), exit_point)
+        alive = alive & keep
+    return exit_point
 
 
 def exempt_and_scale(
@@ -155,6 +216,8 @@ def exempt_and_scale(
     if prune_enabled is not None:
         exempt = ~prune_enabled.to(device=result.keep.device, dtype=torch.bool)[:, None]
         result.keep = torch.where(exempt, full_keep, result.keep)
+        if result.exit_grid is not None:
+            result.exit_grid = result.exit_grid & ~exempt
         if scale is not None:
             scale = torch.where(exempt, torch.ones_like(scale), scale)
             result.token_scale = scale
@@ -170,21 +233,44 @@ def apply_pruner(
     box_xyxy: Tensor,
     prune_enabled: Tensor | None,
     trace: PruningTrace,
-) -> tuple[AliveTokens, Tensor, Tensor | None]:
-    """Score, select and execute one pruning point. Returns the new alive set, grid keep, key mask."""
+    state: dict[str, Tensor] | None = None,
+) -> tuple[AliveTokens, Tensor, Tensor | None, dict[str, Tensor]]:
+    """Score, select and execute one pruning point.
+
+    Returns the new alive set, the grid keep mask, the key mask for later blocks and the state handed
+    to the next point (gathered with the kept tokens in ``drop`` mode).
+    """
     num_grid = grid_alive.shape[1]
+    state = state or {}
     if pruner.mode == "drop":
         result = pruner(
-            alive.tokens, grid_hw, box_xyxy, image_hw, positions=alive.positions, valid=alive.valid
+            alive.tokens,
+            grid_hw,
+            box_xyxy,
+            image_hw,
+            positions=alive.positions,
+            valid=alive.valid,
+            state=state,
         )
     else:
-        result = pruner(alive.tokens, grid_hw, box_xyxy, image_hw, valid=grid_alive)
+        result = pruner(alive.tokens, grid_hw, box_xyxy, image_hw, valid=grid_alive, state=state)
     full_keep = alive.valid if pruner.mode == "drop" else grid_alive
     tokens = exempt_and_scale(result, alive.tokens, full_keep, prune_enabled)
     keep = result.keep
+    new_state = dict(result.state)
+    trace.results.append(result)
 
+    if pruner.runs_blocks():  # the pruner runs the next blocks on the full grid itself
+        new_state["keep"] = keep
+        new_grid_alive = keep & grid_alive
+        trace.keep_grids.append(new_grid_alive)
+        return AliveTokens(tokens, alive.positions, alive.valid), new_grid_alive, None, new_state
     if pruner.mode == "drop":
+        order, valid = kept_order(keep & alive.valid)
         kept = gather_kept(AliveTokens(tokens, alive.positions, alive.valid), keep)
+        new_state = {
+            k: v if k.startswith("grid_") else gather_slots(v, order, valid) for k, v in new_state.items()
+        }
         new_grid_alive = keep_on_grid(kept, num_grid)
         key_keep = None if bool(kept.valid.all()) else kept.valid
     elif pruner.mode == "mask":
@@ -194,9 +280,7 @@ def apply_pruner(
     else:  # zero_once: the paper's literal Y' = beta * Y; later blocks run on (and may refill) all
         zeroed = keep & grid_alive
         kept = AliveTokens(tokens * zeroed[..., None].to(tokens.dtype), alive.positions, alive.valid)
-        trace.results.append(result)
         trace.keep_grids.append(zeroed)
-        return kept, grid_alive, None
-    trace.results.append(result)
+        return kept, grid_alive, None, new_state
     trace.keep_grids.append(new_grid_alive)
-    return kept, new_grid_alive, key_keep
+    return kept, new_grid_alive, key_keep, new_state

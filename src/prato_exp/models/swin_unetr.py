@@ -289,7 +289,7 @@ class PrunableSwinUNETR(nn.Module):
             fractions += pruned_fractions
         else:
             if pruner.active:  # zero_once: the paper's literal Y' = beta * Y, then MONAI's stages
-                alive, _, _ = apply_pruner(
+                alive, _, _, _ = apply_pruner(
                     pruner,
                     AliveTokens.full_grid(x.flatten(2).transpose(1, 2)),
                     torch.ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool, device=x.device),
@@ -327,7 +327,7 @@ class PrunableSwinUNETR(nn.Module):
         b, _, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, Z, C)
         full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
-        alive, keep, _ = apply_pruner(
+        alive, keep, _, _ = apply_pruner(
             pruner, AliveTokens.full_grid(tokens), full, (h, w), image_hw, box_xyxy, prune_enabled, trace
         )
         state = _PrunedGrid(alive, keep, (h, w), tokens if pruner.fill == "carry" else None)

@@ -34,20 +34,36 @@ class AliveTokens:
         return self.valid.sum(dim=1)
 
 
+def kept_order(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Slot order that puts the kept slots of ``keep`` ``(B, N)`` first, in ascending slot order.
+
+    Returns ``order`` ``(B, N_out)`` long (``N_out`` = the batch's largest kept count) and ``valid``
+    ``(B, N_out)`` bool, False on the padding slots of images that keep fewer.
+    """
+    counts = keep.sum(dim=1)
+    n_out = int(counts.max().item()) if counts.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_out]
+    valid = torch.arange(n_out, device=keep.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def gather_slots(values: Tensor, order: Tensor, valid: Tensor) -> Tensor:
+    """``values`` ``(B, N, ...)`` gathered along dim 1 by ``order``; padding slots set to zero."""
+    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    gathered = torch.gather(values, 1, index)
+    pad = valid.reshape(*valid.shape, *([1] * (values.dim() - 2)))
+    return torch.where(pad, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+
+
 def gather_kept(alive: AliveTokens, keep: Tensor) -> AliveTokens:
     """Keep only the tokens where ``keep`` ``(B, N)`` is True, padding to the batch's largest count.
 
     Kept tokens stay in ascending grid order. Padding slots get zeros, position 0 and ``valid`` False;
     where every image keeps the same number (percentile mode) there is no padding at all.
     """
-    keep = keep & alive.valid
-    counts = keep.sum(dim=1)
-    n_out = int(counts.max().item()) if counts.numel() else 0
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_out]  # kept first, in order
-    valid = torch.arange(n_out, device=keep.device)[None, :] < counts[:, None]
-    tokens = torch.gather(alive.tokens, 1, order[..., None].expand(-1, -1, alive.tokens.shape[-1]))
-    tokens = tokens * valid[..., None].to(tokens.dtype)
-    positions = torch.gather(alive.positions, 1, order).masked_fill(~valid, 0)
+    order, valid = kept_order(keep & alive.valid)
+    tokens = gather_slots(alive.tokens, order, valid)
+    positions = gather_slots(alive.positions, order, valid)
     return AliveTokens(tokens, positions, valid)
 
 

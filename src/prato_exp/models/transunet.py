@@ -29,8 +29,10 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from prato_exp.models.base import SegOutput
+from prato_exp.models.base import SegOutput, merge_early_exits
+from prato_exp.models.block_ops import TimmBlockParts
 from prato_exp.models.plain_vit import (
+    assembler_names,
     build_pruners,
     check_block_indices,
     run_pruned_blocks,
@@ -208,7 +210,14 @@ class PrunableTransUNet(nn.Module):
         )
         self.grid_hw: tuple[int, int] = tuple(self.encoder.patch_embed.grid_size)
         self.hidden_size = hidden_size
-        self.pruners = build_pruners(pruner, self.prune_after, hidden_size)
+        self.pruners = build_pruners(
+            pruner,
+            self.prune_after,
+            hidden_size,
+            num_classes=out_channels,
+            grid_hw=self.grid_hw,
+            depth=len(self.encoder.blocks),
+        )
         if pretrained:
             load_pretrained(self.encoder, pretrained)
 
@@ -229,9 +238,10 @@ class PrunableTransUNet(nn.Module):
             box_xyxy=box_xyxy,
             prune_enabled=prune_enabled,
             run_block=timm_block_runner,
+            block_parts=TimmBlockParts,
         )
         logits = self.decoder(self._to_map(encoded.final), skips)
-        return SegOutput(logits=logits, trace=encoded.trace)
+        return SegOutput(logits=merge_early_exits(logits, encoded.trace), trace=encoded.trace)
 
     def _embed(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Tokens ``(B, Z, C)`` with positions, and the CNN skips at 1/8, 1/4, 1/2 (coarsest first)."""
@@ -259,7 +269,7 @@ class PrunableTransUNet(nn.Module):
         """Module names of the ViT blocks that run after the first pruning point (for FLOP ratios)."""
         depth = len(self.encoder.blocks)
         first = self.prune_after[0] if self.prune_after else depth
-        return [f"encoder.blocks.{i}" for i in range(first, depth)]
+        return [f"encoder.blocks.{i}" for i in range(first, depth)] + assembler_names(self.pruners)
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

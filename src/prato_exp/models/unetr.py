@@ -14,8 +14,8 @@ import torch
 from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
-from prato_exp.models.base import SegOutput
-from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
+from prato_exp.models.base import SegOutput, merge_early_exits
+from prato_exp.models.plain_vit import assembler_names, build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory
 
@@ -32,8 +32,8 @@ class PrunableUNETR(nn.Module):
         skip_blocks: 1-based ViT blocks whose outputs feed the decoder skips (MONAI: 3, 6, 9 as
             0-based ``hidden_states_out`` indices, i.e. blocks 4, 7, 10).
         prune_after: 1-based blocks after which the pruner runs (default: after block 3).
-        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``); one pruner
-            instance is built per pruning point. None means no pruning.
+        pruner: a factory ``pruner(dim=..., context=...) -> TokenPruner`` (Hydra ``_partial_``); one
+            pruner instance is built per pruning point. None means no pruning.
         pretrained: optional local path of a state dict (never downloaded).
     """
 
@@ -80,7 +80,9 @@ class PrunableUNETR(nn.Module):
         self.prune_after = check_block_indices("prune_after", prune_after, depth)
         self.grid_hw = (img_size // 16, img_size // 16)
         self.hidden_size = hidden_size
-        self.pruners = build_pruners(pruner, self.prune_after, hidden_size)
+        self.pruners = build_pruners(
+            pruner, self.prune_after, hidden_size, num_classes=out_channels, grid_hw=self.grid_hw, depth=depth
+        )
         if pretrained:
             load_pretrained(self.unetr, pretrained)
 
@@ -110,12 +112,13 @@ class PrunableUNETR(nn.Module):
         dec2 = net.decoder4(dec3, enc3)
         dec1 = net.decoder3(dec2, enc2)
         logits = net.out(net.decoder2(dec1, enc1))
-        return SegOutput(logits=logits, trace=encoded.trace)
+        return SegOutput(logits=merge_early_exits(logits, encoded.trace), trace=encoded.trace)
 
     def pruned_part(self) -> list[str]:
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
         first = self.prune_after[0] if self.prune_after else len(self.unetr.vit.blocks)
-        return [f"unetr.vit.blocks.{i}" for i in range(first, len(self.unetr.vit.blocks))]
+        blocks = [f"unetr.vit.blocks.{i}" for i in range(first, len(self.unetr.vit.blocks))]
+        return blocks + assembler_names(self.pruners)
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

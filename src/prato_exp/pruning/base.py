@@ -11,7 +11,18 @@ and then executes ``result.keep`` according to ``pruner.mode``:
   token-wise operation (the exact emulation of ``drop``);
 - ``zero_once``: the paper's literal ``Y' = beta * Y`` once; later blocks may refill the tokens.
 
-Pruning state lives in the returned :class:`PruneResult`, never in the pruner or a shared dict.
+Pruning state lives in the returned :class:`PruneResult`, never in the pruner: what one point hands to
+the next (DynamicViT's policy, Evo-ViT's global attention, TRAM's centrality) travels in
+``PruneResult.state``, slot-aligned with the tokens, and the backbone gathers it with them.
+
+Optional hooks, all off by default, let a method do more than select tokens:
+
+- ``needs_attention``: the backbone runs the blocks before the point with their attention exposed and
+  calls :meth:`TokenPruner.observe_attention` on each (TRAM, Evo-ViT);
+- :meth:`TokenPruner.runs_blocks`: the pruner runs the blocks after its point itself through
+  :meth:`TokenPruner.run_block` (Evo-ViT's slow-fast update, DynamicViT's masked attention in training);
+- ``PruneResult.early_logits`` / ``exit_grid``: final predictions made at the point (DToP);
+- :meth:`TokenPruner.assemble`: rebuild the full token grid for the decoder (STP's token assembly).
 """
 
 from __future__ import annotations
@@ -19,10 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from prato_exp.models.block_ops import BlockParts
 
 PruneMode = Literal["drop", "mask", "zero_once"]
 FillMode = Literal["zero", "carry"]
@@ -40,6 +54,12 @@ class PruneResult:
             to the pruner's parameters.
         aux_losses: named scalar losses the LightningModule adds to the task loss and logs.
         extras: pruner-specific tensors for plots and diagnostics (e.g. PrATo's entropy, weights).
+        state: ``(B, N, ...)`` tensors slot-aligned with the tokens, gathered with the kept tokens and
+            handed to the next pruning point (and to :meth:`TokenPruner.run_block`).
+        early_logits: ``(B, K, h, w)`` per-token class logits already final where ``exit_grid`` holds
+            (DToP); the backbone writes them into its output and the LightningModule supervises them
+            with the task loss times ``early_loss_weight``.
+        exit_grid: ``(B, Z)`` bool, grid places whose prediction became final at this point.
     """
 
     keep: Tensor
@@ -47,6 +67,10 @@ class PruneResult:
     token_scale: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
+    early_logits: Tensor | None = None
+    exit_grid: Tensor | None = None
+    early_loss_weight: float = 1.0
 
     def __getattr__(self, name: str) -> Tensor:
         extras = self.__dict__.get("extras", {})
@@ -55,12 +79,31 @@ class PruneResult:
         raise AttributeError(name)
 
 
+@dataclass(frozen=True)
+class PrunerContext:
+    """What a backbone tells each pruner it builds (``factory(dim=..., context=...)``).
+
+    Attributes:
+        num_classes: output classes of the network, background included (DToP's heads).
+        grid_hw: ``(h, w)`` of the token grid.
+        depth: number of transformer blocks.
+        point_index: 0-based index of this pruner's pruning point.
+        num_points: number of pruning points.
+    """
+
+    num_classes: int
+    grid_hw: tuple[int, int]
+    depth: int
+    point_index: int = 0
+    num_points: int = 1
+
+
 class TokenPruner(nn.Module):
     """Base class of all pruners.
 
-    Subclasses implement :meth:`score_and_select`. Class attributes tell the backbone how to run:
-    ``needs_attention`` asks for the previous block's attention weights (computed on the non-fused
-    path only then); ``mode`` and ``fill`` select the execution of the keep mask.
+    Subclasses implement :meth:`score_and_select`. ``mode`` and ``fill`` select the execution of the
+    keep mask; ``needs_attention`` asks the backbone to call :meth:`observe_attention` with the
+    attention weights of each block before the point (computed on the non-fused path only then).
     """
 
     needs_attention: bool = False
@@ -89,6 +132,7 @@ class TokenPruner(nn.Module):
         positions: Tensor | None = None,
         valid: Tensor | None = None,
         attn: Tensor | None = None,
+        state: dict[str, Tensor] | None = None,
     ) -> PruneResult:
         """Score the alive tokens and select those to keep.
 
@@ -101,15 +145,56 @@ class TokenPruner(nn.Module):
             valid: ``(B, N)`` bool, False on padding slots; all True when None.
             attn: ``(B, heads, N, N)`` attention weights of the previous block, only for pruners
                 with ``needs_attention``.
+            state: what the previous point's result (and :meth:`observe_attention`) left,
+                slot-aligned with ``tokens``; empty at the first point.
         """
         b, n, _ = tokens.shape
         if positions is None:
             positions = torch.arange(n, device=tokens.device).expand(b, n)
         if valid is None:
             valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
-        result = self.score_and_select(tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn)
+        result = self.score_and_select(
+            tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state=state or {}
+        )
         result.keep = result.keep & valid
         return result
+
+    def observe_attention(
+        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
+    ) -> dict[str, Tensor]:
+        """Update ``state`` from one block's attention ``weights`` ``(B, heads, N, N)`` (softmaxed).
+
+        Called for every block after the previous pruning point up to this one, only when
+        ``needs_attention``; ``block_index`` is 1-based, ``valid`` ``(B, N)`` marks real tokens.
+        """
+        return state
+
+    def runs_blocks(self) -> bool:
+        """True when the blocks after this point must be run by :meth:`run_block`, not the backbone."""
+        return False
+
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Run one block on the full grid ``tokens`` ``(B, Z, C)``; ``state`` holds ``keep`` (B, Z)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run blocks itself")
+
+    def grid_view(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """What the decoder reads of ``tokens`` ``(B, Z, C)`` after :meth:`run_block` (default: all)."""
+        return tokens
+
+    def assemble(
+        self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list[PruneResult]
+    ) -> Tensor | None:
+        """Rebuild a complete ``(B, Z, C)`` grid for the decoder, or None to keep the filled grid.
+
+        ``final``: the last block's normed output on the grid (zero at pruned places); ``carry``: each
+        place's value when it was pruned; ``exit_point`` ``(B, Z)`` long: the 0-based pruning point
+        that removed a place, -1 for places alive to the end; ``results``: every point's result.
+        Called on the first pruning point's pruner, only when some pruner uses ``fill=carry``.
+        """
+        return None
+
+    def reset_rng(self) -> None:
+        """Restart any random stream (called at the start of every evaluation epoch)."""
 
     def score_and_select(
         self,
@@ -120,28 +205,38 @@ class TokenPruner(nn.Module):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
+        state: dict[str, Tensor],
     ) -> PruneResult:
+        """Return the :class:`PruneResult` for the (already defaulted) arguments of :meth:`forward`."""
         raise NotImplementedError
 
 
 PrunerFactory = Callable[..., "TokenPruner"]
-"""How backbones receive a pruner: ``factory(dim=...) -> TokenPruner`` (a Hydra ``_partial_``)."""
+"""How backbones receive a pruner: ``factory(dim=..., context=PrunerContext) -> TokenPruner``
+(a Hydra ``_partial_``); backbones without a context (Swin UNETR, SegFormer) pass ``dim`` only."""
 
 
 class NoPruner(TokenPruner):
     """The ``none`` pruner: keeps every token; backbones skip all pruning machinery for it.
 
-    ``dim`` is accepted (and unused) because backbones build every pruner as ``pruner(dim=...)``.
+    ``dim`` and ``context`` are accepted (and unused) because backbones build every pruner as
+    ``pruner(dim=..., context=...)``.
     """
 
-    def __init__(self, dim: int | None = None, mode: PruneMode = "drop", fill: FillMode = "zero") -> None:
+    def __init__(
+        self,
+        dim: int | None = None,
+        mode: PruneMode = "drop",
+        fill: FillMode = "zero",
+        context: PrunerContext | None = None,
+    ) -> None:
         super().__init__(mode=mode, fill=fill)
 
     @property
     def active(self) -> bool:
         return False
 
-    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn):
+    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
         ones = torch.ones(tokens.shape[:2], device=tokens.device)
         return PruneResult(keep=valid.clone(), scores=ones)
 

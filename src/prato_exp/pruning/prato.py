@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from prato_exp.pruning.base import FillMode, PruneMode, PruneResult, TokenPruner
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 
 ThresholdMode = Literal["percentile", "fixed"]
 QueryMode = Literal["roialign", "naive"]
@@ -283,7 +283,7 @@ def prato_scores(
     return PratoScores(sim, ent, weights, rel, scores)
 
 
-def _descending_rank(scores: Tensor, valid: Tensor) -> Tensor:
+def descending_rank(scores: Tensor, valid: Tensor) -> Tensor:
     """``(B, N)`` rank of each valid token by score, 0 for the highest (ties by slot index)."""
     keyed = scores.detach().float().masked_fill(~valid, -math.inf)
     order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
@@ -319,7 +319,7 @@ def percentile_keep(scores: Tensor, valid: Tensor, q: float, min_keep: int = 1) 
     """
     n = valid.sum(dim=1)
     count = torch.maximum(percentile_keep_count(n, q), n.clamp(max=min_keep))
-    return (_descending_rank(scores, valid) < count[:, None]) & valid
+    return (descending_rank(scores, valid) < count[:, None]) & valid
 
 
 def fixed_keep(scores: Tensor, valid: Tensor, tau: float, min_keep: int = 1) -> Tensor:
@@ -334,7 +334,7 @@ def fixed_keep(scores: Tensor, valid: Tensor, tau: float, min_keep: int = 1) -> 
     Returns:
         ``(B, N)`` bool keep mask.
     """
-    forced = _descending_rank(scores, valid) < min_keep
+    forced = descending_rank(scores, valid) < min_keep
     return ((scores > tau) | forced) & valid
 
 
@@ -356,6 +356,7 @@ class PrATo(TokenPruner):
         ste: return the straight-through ``token_scale`` so ``f1`` and ``f2`` train.
         soft: keep every token and scale it by ``s`` (requires ``mode="zero_once"``).
         min_keep: tokens always kept per image, the highest-scoring.
+        context: what the backbone tells its pruners (unused: PrATo needs only ``dim``).
     """
 
     def __init__(
@@ -373,6 +374,7 @@ class PrATo(TokenPruner):
         ste: bool = True,
         soft: bool = False,
         min_keep: int = 1,
+        context: PrunerContext | None = None,
     ) -> None:
         if dim < 1 or k < 1 or d_v < 1:
             raise ValueError(f"dim, k and d_v must be positive, got dim={dim}, k={k}, d_v={d_v}")
@@ -420,6 +422,7 @@ class PrATo(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
+        state: dict[str, Tensor] | None = None,
     ) -> PruneResult:
         """Score the alive tokens against the box prompt and select those to keep.
 
@@ -430,7 +433,7 @@ class PrATo(TokenPruner):
             image_hw: ``(H, W)`` of the network input.
             positions: ``(B, N)`` long grid index of each token.
             valid: ``(B, N)`` bool, False on padding slots.
-            attn: unused.
+            attn, state: unused.
 
         Returns:
             :class:`PruneResult` with ``keep (B, N)``, ``scores (B, N)``, ``token_scale (B, N)`` or

@@ -1,0 +1,135 @@
+r"""DToP (Tang et al., "Dynamic Token Pruning in Plain Vision Transformers for Semantic Segmentation",
+ICCV 2023; official code github.com/zbwxp/Dynamic-Token-Pruning, ``mmseg_custom/backbone/vit_prune.py``,
+``mmseg_custom/decode_heads/prune_head.py``).
+
+Early exit by difficulty. At the end of a stage an auxiliary head predicts a class for every alive
+token; tokens whose confidence exceeds ``p0`` are *easy*: their prediction is final and they leave all
+later blocks. For context, the ``k_keep`` most confident easy tokens of every predicted class stay::
+
+    p = softmax(H_m(x))              # (B, N, K)
+    c, y = max_k p, argmax_k p
+    E = {n valid : c_n > p0}                                  # strict >
+    E -= top-min(|E_k|, k_keep) of E_k by c, for every class k  (E_k = {n in E : y_n = k})
+    keep = valid & ~E
+
+The final prediction combines early and late ones: places that exited take the head logits of the
+point where they exited, nearest-upsampled to their patches; the decoder's logits stay elsewhere
+(:func:`prato_exp.models.base.merge_early_exits`). Each head is supervised on its canvas (this point's
+logits on alive places, earlier heads' where tokens exited before) with the task loss, added by the
+LightningModule as ``early_head`` (``_<point>``) times ``head_loss_weight``. The exit decision is made
+without gradient, in training too, as in the original.
+
+Departures for this framework, and why:
+
+- Head: ``LayerNorm -> Linear(C, K)`` per token (the exit rule needs a per-token classifier; SegViT's
+  ATM query decoder is a decoder choice of the original, not part of the pruning rule). Loss: the
+  model's Dice-CE on the bilinearly upsampled canvas, not the ATM set loss.
+- The decoder here is convolutional, so exited places are zero-filled (as in the original's backbone)
+  and their logits are explicitly replaced by the early prediction after decoding.
+- One-step training: the original trains heads without pruning (``p0 = 1``) and then fine-tunes with
+  pruning; here pruning is active from the start. An untrained head is rarely confident (``c > 0.9``
+  needs a peaked softmax), so early training runs nearly unpruned until the heads learn.
+- Keep counts depend on the image (confidence), not on a ratio; tables report DToP's measured sparsity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+
+
+def exit_mask(probs: Tensor, valid: Tensor, p0: float, k_keep: int) -> Tensor:
+    """``(B, N)`` bool: tokens that exit, from class probabilities ``probs`` ``(B, N, K)``.
+
+    Valid tokens with confidence strictly above ``p0``, except the ``k_keep`` most confident of each
+    predicted class (ties by slot index).
+    """
+    confidence, label = probs.max(dim=-1)
+    candidate = (confidence > p0) & valid
+    protect = torch.zeros_like(candidate)
+    k = min(k_keep, probs.shape[1])
+    if k > 0:
+        for cls in range(probs.shape[-1]):
+            in_class = candidate & (label == cls)
+            keyed = confidence.masked_fill(~in_class, -1.0)
+            order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, :k]
+            top = torch.zeros_like(candidate).scatter(1, order, True)
+            protect |= top & in_class
+    return candidate & ~protect
+
+
+class DToPPruner(TokenPruner):
+    """DToP's auxiliary head and confidence-based early exit at one pruning point.
+
+    Args:
+        dim: token channels ``C``.
+        p0: confidence above which a token exits (official: 0.9 for ViT-B).
+        k_keep: most confident tokens per class kept for context (official: 5).
+        head_loss_weight: weight of this head's task loss.
+        mode, fill: execution of the keep mask (``fill=zero`` is DToP's zeroing of exited tokens).
+        context: the backbone's pruning context (``num_classes`` for the head).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        p0: float = 0.9,
+        k_keep: int = 5,
+        head_loss_weight: float = 1.0,
+        mode: PruneMode = "drop",
+        fill: FillMode = "zero",
+        context: PrunerContext | None = None,
+    ) -> None:
+        if context is None:
+            raise ValueError("dtop needs the backbone's class count; use it in UNETR or TransUNet")
+        if not 0 < p0 <= 1:
+            raise ValueError(f"p0 must lie in (0, 1], got {p0}")
+        if k_keep < 0:
+            raise ValueError(f"k_keep must be >= 0, got {k_keep}")
+        super().__init__(mode=mode, fill=fill)
+        self.p0 = p0
+        self.k_keep = k_keep
+        self.head_loss_weight = head_loss_weight
+        self.num_classes = context.num_classes
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, context.num_classes))
+
+    def extra_repr(self) -> str:
+        return f"p0={self.p0}, k_keep={self.k_keep}, classes={self.num_classes}"
+
+    def score_and_select(
+        self,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        image_hw: tuple[int, int],
+        positions: Tensor,
+        valid: Tensor,
+        attn: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> PruneResult:
+        """Head logits for every alive token; easy tokens exit with their prediction."""
+        b = tokens.shape[0]
+        h, w = grid_hw
+        z = h * w
+        logits = self.head(tokens).float()  # (B, N, K)
+        with torch.no_grad():
+            probs = logits.softmax(dim=-1)
+            exits = exit_mask(probs, valid, self.p0, self.k_keep)
+            confidence = probs.amax(dim=-1).masked_fill(~valid, 0.0)
+        index = torch.where(valid, positions, torch.full_like(positions, z))
+        previous = state.get("grid_canvas", logits.new_zeros(b, z, self.num_classes))
+        padded = torch.cat([previous, previous.new_zeros(b, 1, self.num_classes)], dim=1)
+        canvas = padded.scatter(1, index[..., None].expand(-1, -1, self.num_classes), logits)[:, :z]
+        exit_grid = torch.zeros(b, z + 1, dtype=torch.bool, device=tokens.device).scatter(1, index, exits)[
+            :, :z
+        ]
+        return PruneResult(
+            keep=valid & ~exits,
+            scores=confidence,
+            state={"grid_canvas": canvas},
+            early_logits=canvas.transpose(1, 2).reshape(b, self.num_classes, h, w),
+            exit_grid=exit_grid,
+            early_loss_weight=self.head_loss_weight,
+        )

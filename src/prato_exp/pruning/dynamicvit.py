@@ -1,0 +1,182 @@
+r"""DynamicViT (Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token
+Sparsification", NeurIPS 2021; official code github.com/raoyongming/DynamicViT, ``models/dyvit.py``,
+``losses.py``).
+
+At each pruning point a prediction module scores the alive tokens ``x`` ``(B, N, C)``::
+
+    y      = GELU(Linear_{C->C}(LayerNorm(x)))
+    local  = y[..., :C/2];   global = sum_n(y[..., C/2:] * D_prev) / sum_n(D_prev)
+    logits = LogSoftmax(MLP_{C -> C/2 -> C/4 -> 2}(cat(local, global)))     # channel 0 = log P(keep)
+
+Training: ``D = GumbelSoftmax(logits, tau=1, hard=True)[..., 0] * D_prev`` (0/1 in value, straight-
+through gradient). Nothing is removed: every later block runs on all tokens with attention masked by
+the policy (``softmax_with_policy``: a kept query attends to kept keys, a dropped token to itself),
+so batch shapes stay fixed and the gradient reaches the predictor through the attention. The keep
+ratio loss ``ratio_weight / P * sum_p mean_b (mean_n D_p - rho_p)^2`` pulls the kept fraction of all
+``Z`` tokens toward the cumulative target ``rho_p``. Inference keeps the top-``k`` tokens by
+``logits[..., 0]`` and really drops the rest (the backbone's ``drop`` path).
+
+Departures for dense prediction, and why:
+
+- Keep count: ``rho_p`` is the cumulative keep fraction of PrATo's percentile rule
+  (``n - floor(q n / 100)`` at every point), and inference keeps exactly PrATo's count, so tables compare
+  at equal budget (the paper's ``[rho, rho^2, rho^3]`` with ``rho = 0.7`` is ``q = 30`` at 3 points).
+- No class token: the global feature averages the policy-weighted patch tokens only.
+- The decoder reads the token grid: in training, places the policy drops are zeroed on the grid the
+  skips and the final feature come from (``grid_view``), exactly what ``fill=zero`` gives at inference;
+  so the task loss also reaches the predictor through the skips (the original has no dense output).
+- No distillation: the paper distils from an unpruned pretrained teacher (token MSE + logit KL, weight
+  0.5). Models here train from scratch on a fixed budget with the same recipe as every other pruner,
+  so the teacher terms are left out; ``ratio_weight`` keeps the paper's 2.0.
+- One learning rate for predictor and backbone (the original scales the pretrained backbone's by 0.01).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prato_exp.models.block_ops import BlockParts, WeightsFn
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+
+
+class PredictorLG(nn.Module):
+    """DynamicViT's local-global prediction module: ``(B, N, C)`` tokens -> ``(B, N, 2)`` log-probs."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, tokens: Tensor, policy: Tensor) -> Tensor:
+        """Log ``(keep, drop)`` probabilities; ``policy`` ``(B, N)`` weights the global average."""
+        y = self.in_conv(tokens)
+        half = y.shape[-1] // 2
+        weights = policy[..., None].to(y.dtype)
+        global_ = (y[..., half:] * weights).sum(dim=1, keepdim=True) / weights.sum(
+            dim=1, keepdim=True
+        ).clamp_min(1)
+        return self.out_conv(torch.cat([y[..., :half], global_.expand(-1, y.shape[1], -1)], dim=-1))
+
+
+def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:
+    """DynamicViT's ``softmax_with_policy``: attention restricted to kept keys plus the query itself.
+
+    ``policy`` ``(B, N)`` is 1 for kept and 0 for dropped tokens (float, may carry gradients).
+    """
+
+    def weights(scores: Tensor) -> Tensor:
+        n = scores.shape[-1]
+        eye = torch.eye(n, dtype=torch.float32, device=scores.device)
+        keys = policy.float()[:, None, None, :]
+        attn_policy = keys + (1.0 - keys) * eye
+        scores = scores.float()
+        exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * attn_policy
+        return ((exp + eps / n) / (exp.sum(dim=-1, keepdim=True) + eps)).to(scores.dtype)
+
+    return weights
+
+
+class DynamicViTPruner(TokenPruner):
+    """DynamicViT's learned keep/drop predictor at one pruning point.
+
+    Args:
+        dim: token channels ``C``.
+        q: percentile of the alive tokens pruned at each point (sets ``rho_p`` and the inference count).
+        ratio_weight: weight of the keep-ratio loss (paper: 2.0), divided by the number of points.
+        gumbel_tau: Gumbel-softmax temperature (paper: 1).
+        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
+        mode, fill: execution of the inference keep mask.
+        min_keep: tokens always kept per image at inference.
+        context: the backbone's pruning context (point index and count set ``rho_p``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        q: float = 25,
+        ratio_weight: float = 2.0,
+        gumbel_tau: float = 1.0,
+        threshold: str = "percentile",
+        tau: float | None = None,
+        mode: PruneMode = "drop",
+        fill: FillMode = "zero",
+        min_keep: int = 1,
+        context: PrunerContext | None = None,
+    ) -> None:
+        check_percentile_budget("dynamicvit", threshold, q, tau)
+        if mode != "drop":
+            raise ValueError(
+                f"dynamicvit runs its own masked attention in training; mode must be 'drop', got {mode!r}"
+            )
+        super().__init__(mode=mode, fill=fill)
+        self.q = q
+        self.ratio_weight = ratio_weight
+        self.gumbel_tau = gumbel_tau
+        self.min_keep = min_keep
+        self.point_index = context.point_index if context is not None else 0
+        self.num_points = context.num_points if context is not None else 1
+        self.predictor = PredictorLG(dim)
+
+    def extra_repr(self) -> str:
+        return f"q={self.q}, ratio_weight={self.ratio_weight}, point={self.point_index}/{self.num_points}"
+
+    def target_ratio(self) -> float:
+        """``rho_p``: the cumulative fraction of the grid kept after this point."""
+        return (1.0 - self.q / 100.0) ** (self.point_index + 1)
+
+    def runs_blocks(self) -> bool:
+        return self.training
+
+    def score_and_select(
+        self,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        image_hw: tuple[int, int],
+        positions: Tensor,
+        valid: Tensor,
+        attn: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> PruneResult:
+        """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
+        prev = self._policy(state) if "policy" in state else valid.to(tokens.dtype)
+        log_probs = self.predictor(tokens, prev)
+        scores = log_probs[..., 0].exp()
+        if not self.training:
+            keep = percentile_keep(scores, valid, self.q, self.min_keep)
+            return PruneResult(keep=keep, scores=scores.detach())
+        sample = F.gumbel_softmax(log_probs.float(), tau=self.gumbel_tau, hard=True)[..., 0]
+        policy = sample.to(tokens.dtype) * prev * valid.to(tokens.dtype)
+        kept_fraction = policy.sum(dim=1) / policy.shape[1]
+        ratio_loss = ((kept_fraction - self.target_ratio()) ** 2).mean()
+        return PruneResult(
+            keep=policy.detach() > 0.5,
+            scores=scores.detach(),
+            aux_losses={"keep_ratio": self.ratio_weight / self.num_points * ratio_loss},
+            state={"policy": policy},
+        )
+
+    def _policy(self, state: dict[str, Tensor]) -> Tensor:
+        """The policy in value equal to ``keep`` (exemptions applied), with the sample's gradient."""
+        policy = state["policy"]
+        return state["keep"].to(policy.dtype) + (policy - policy.detach())
+
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """One block on all tokens, attention restricted by the policy (training only)."""
+        r1, _ = parts.attention(tokens, policy_weights(self._policy(state)))
+        tokens = tokens + r1
+        return tokens + parts.mlp(tokens), state
+
+    def grid_view(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """Dropped places read as zero, as with ``fill=zero`` at inference."""
+        return tokens * self._policy(state)[..., None].to(tokens.dtype)

@@ -1,0 +1,152 @@
+r"""Evo-ViT (Xu et al., "Evo-ViT: Slow-Fast Token Evolution for Dynamic Vision Transformer", AAAI 2022;
+official code github.com/YifanXu74/Evo-ViT, ``deit/evo_deit.py``, ``levit/evo_levit.py``).
+
+Tokens are ranked by a global attention score ``g`` ``(B, Z)`` that every block updates. At a pruning
+point the top tokens are *informative*, the rest *placeholders*; nothing leaves the grid. In each block
+after the point (until the next point, where all ``Z`` tokens are ranked again):
+
+- slow path: the informative tokens plus one representative token
+  ``x_rep = sum_{j in P} w_j x_j`` (``w_j = g_j / sum_P g``) go through the full block, giving the
+  attention residual ``r1`` and the MLP residual ``r2``;
+- fast path: every placeholder gets the representative's residuals, ``x_j += r1_rep + r2_rep``;
+- ``g`` of the informative tokens is updated: ``g <- (1 - lam) g + lam a`` with ``a`` this block's
+  attention received by each informative key (``lam`` = ``momentum``, 0.5 in the official code).
+
+Before the first point ``g`` is the received attention of the block just before it (the official
+``lam = 1`` for the blocks before the first selection). No extra loss; the selection is not
+differentiable, as in the original.
+
+Departures for dense prediction, and why:
+
+- Global query. Segmentation ViTs have no class token, whose attention row the paper uses. Here
+  ``a_j = sum_h mean_{i valid} A_h[i, j]``: the attention an average query pays to ``j``. Every token is
+  an output in segmentation, so none is privileged; the mean row is the dense analogue of the class
+  row (a convex combination of rows, so ``lam``-mixing keeps its scale) and needs no parameters.
+- Keep count: PrATo's percentile rule applied cumulatively (``n - floor(q n / 100)`` per point), so the
+  informative set has PrATo's size; the official stages keep 50 % (``q = 50``).
+- The decoder reads the full grid, placeholders included (they hold their fast-path values), so no
+  fill is needed; ``sparsity`` counts placeholders as pruned since the block's heavy layers skip them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prato_exp.models.block_ops import BlockParts, key_bias
+from prato_exp.models.token_ops import AliveTokens, gather_slots, kept_order, scatter_to_grid
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
+
+
+def received_attention(weights: Tensor, valid: Tensor) -> Tensor:
+    """``(B, N)`` attention received per key, summed over heads and averaged over valid queries.
+
+    ``weights`` ``(B, heads, N, N)`` softmaxed; ``valid`` ``(B, N)`` bool. Padding keys get 0.
+    """
+    rows = valid[:, None, :, None].to(weights.dtype)
+    received = (weights * rows).sum(dim=(1, 2)) / valid.sum(dim=1, keepdim=True).clamp_min(1).to(
+        weights.dtype
+    )
+    return received * valid.to(weights.dtype)
+
+
+class EvoViTPruner(TokenPruner):
+    """Evo-ViT's slow-fast token evolution after each pruning point.
+
+    Args:
+        dim: token channels (unused: no parameters).
+        q: percentile pruned per point (PrATo's count, applied cumulatively over points).
+        momentum: ``lam`` of the global attention update inside a stage (official: 0.5).
+        representative: update placeholders by the representative token's residuals (the paper);
+            False freezes them (the official DeiT code).
+        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
+        mode, fill: Evo-ViT keeps the full grid; ``mode`` must be ``drop`` (the default).
+        context: the backbone's pruning context (point index for the cumulative count).
+    """
+
+    needs_attention = True
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        q: float = 25,
+        momentum: float = 0.5,
+        representative: bool = True,
+        threshold: str = "percentile",
+        tau: float | None = None,
+        mode: PruneMode = "drop",
+        fill: FillMode = "zero",
+        context: PrunerContext | None = None,
+    ) -> None:
+        check_percentile_budget("evovit", threshold, q, tau)
+        if mode != "drop":
+            raise ValueError(f"evovit runs its own slow-fast blocks; mode must be 'drop', got {mode!r}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        super().__init__(mode=mode, fill=fill)
+        self.q = q
+        self.momentum = momentum
+        self.representative = representative
+        self.point_index = context.point_index if context is not None else 0
+
+    def extra_repr(self) -> str:
+        return f"q={self.q}, momentum={self.momentum}, representative={self.representative}"
+
+    def observe_attention(
+        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
+    ) -> dict[str, Tensor]:
+        """Before the first point, ``g`` is the last observed block's received attention."""
+        return {**state, "global_attn": received_attention(weights, valid)}
+
+    def runs_blocks(self) -> bool:
+        return True
+
+    def score_and_select(
+        self,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        image_hw: tuple[int, int],
+        positions: Tensor,
+        valid: Tensor,
+        attn: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> PruneResult:
+        """The informative tokens: the top PrATo-count of the global attention ``g``."""
+        if tokens.shape[1] != grid_hw[0] * grid_hw[1]:
+            raise ValueError("evovit expects the full token grid at every point (it never drops tokens)")
+        g = state["global_attn"]
+        count = cumulative_count(valid.sum(dim=1), self.q, self.point_index + 1)
+        keep = keep_top(g, valid, count.clamp_min(1))
+        return PruneResult(keep=keep, scores=g, state={"global_attn": g})
+
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Slow path for informative tokens + representative, fast path for placeholders."""
+        keep, g = state["keep"], state["global_attn"]
+        b, z, _ = tokens.shape
+        order, inf_valid = kept_order(keep)
+        informative = gather_slots(tokens, order, inf_valid)
+        slots, slot_valid = informative, inf_valid
+        placeholder = ~keep
+        if self.representative:
+            w = g.clamp_min(0) * placeholder.to(g.dtype)
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            rep = (w[..., None].to(tokens.dtype) * tokens).sum(dim=1, keepdim=True)
+            slots = torch.cat([informative, rep], dim=1)
+            slot_valid = torch.cat([inf_valid, placeholder.any(dim=1, keepdim=True)], dim=1)
+        r1, weights = parts.attention(slots, key_bias(None if bool(slot_valid.all()) else slot_valid))
+        hidden = slots + r1
+        r2 = parts.mlp(hidden)
+        out = hidden + r2
+        n_inf = informative.shape[1]
+        fill = tokens
+        if self.representative:
+            fill = tokens + (r1 + r2)[:, n_inf:] * placeholder[..., None].to(tokens.dtype)
+        grid = scatter_to_grid(AliveTokens(out[:, :n_inf], order, inf_valid), z, fill)
+        received = received_attention(weights.detach()[:, :, :n_inf, :n_inf], inf_valid)
+        index = torch.where(inf_valid, order, torch.full_like(order, z))
+        g_inf = torch.gather(g, 1, order.clamp_max(z - 1))
+        updated = (1 - self.momentum) * g_inf + self.momentum * received
+        g_new = torch.cat([g, g.new_zeros(b, 1)], dim=1).scatter(1, index, updated)[:, :z]
+        return grid, {**state, "global_attn": g_new}

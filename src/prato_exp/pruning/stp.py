@@ -1,0 +1,223 @@
+r"""STP: token sparsification for medical image segmentation (Zhou et al., "Token Sparsification for
+Faster Medical Image Segmentation", IPMI 2023; official code github.com/cvlab-stonybrook/
+TokenSparse-for-MedSeg, ``lib/networks/adavit.py`` (``VisionTransformerTokenPruningV1``,
+``MlpPredictor``, ``FusionNet``), ``lib/networks/gumbel_tricks.py``).
+
+Score network (``MlpPredictor``) on the tokens at each pruning point::
+
+    y = GELU(Linear_{C->C}(LayerNorm(x)));   z = cat(y[..., :C/2], mean_n y[..., C/2:])
+    s = logsigmoid(MLP_{C -> C/2 -> C/4 -> 1}(z))                         # (B, N)
+
+Selection keeps ``k`` tokens. Training, noise-perturbed soft top-K (``gumbel_soft_topk``):
+``y_soft = softmax_n((s + g) / tau)`` with ``g ~ Gumbel(0, 1)``, ``hard`` = the top-``k`` of ``y_soft``,
+``Pi = hard - y_soft.detach() + y_soft``; kept tokens go on as ``x * Pi`` and pruned ones as
+``x * (1 - Pi)``: equal to ``x`` in value, with gradients to the score network from both. Inference:
+the top-``k`` of ``s``. Tokens are really removed in both.
+
+Multi-layer token assembly (MTA, ``FusionNet``) restores the full sequence for the decoder: the tokens
+pruned at each point (their values there, after a per-point LayerNorm) and the final kept tokens each
+get a per-group ``Linear(C -> d)`` plus a learned per-group layer token, are put back at their grid
+places with a fixed 2-D sin-cos position embedding, pass ``depth`` transformer blocks, a LayerNorm and
+``Linear(d -> C)``. The decoder reads this grid as its final feature and as every skip taken after the
+first pruning point (the official UNETR reads it as every skip).
+
+Departures, and why:
+
+- 2-D: the released MTA raises for 2-D grids; the 2-D sin-cos embedding here is ours.
+- Count: ``k`` is PrATo's percentile count ``n - floor(q n / 100)`` (official ``tp_ratio`` = 0.75 pruned
+  per point, i.e. ``q = 75``), so comparisons are at equal budget. No class token.
+- The Gumbel softmax runs over valid (non-padding) tokens only.
+- MTA size follows the README commands (width = encoder width, 1 block, 8 heads) rather than the yaml
+  (384, 3, 8); the MTA runs on all ``Z`` tokens and its FLOPs are counted with the pruned part.
+- Skips read before the first pruning point are left as they are (nothing was pruned there).
+- The MTA belongs to the pruner of the first pruning point (it needs every point's tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+
+
+class MlpPredictor(nn.Module):
+    """STP's score network: ``(B, N, C)`` tokens -> ``(B, N)`` log-scores (global mean over valid)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 1),
+        )
+
+    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        y = self.in_conv(tokens)
+        half = y.shape[-1] // 2
+        weights = valid[..., None].to(y.dtype)
+        global_ = (y[..., half:] * weights).sum(dim=1, keepdim=True) / weights.sum(
+            dim=1, keepdim=True
+        ).clamp_min(1)
+        z = torch.cat([y[..., :half], global_.expand(-1, y.shape[1], -1)], dim=-1)
+        return F.logsigmoid(self.out_conv(z)[..., 0])
+
+
+def sincos_2d(grid_hw: tuple[int, int], dim: int) -> Tensor:
+    """``(h * w, dim)`` fixed 2-D sine-cosine position embedding (half the channels per axis)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    h, w = grid_hw
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
+class TokenAssembler(nn.Module):
+    """STP's multi-layer token assembly: pruned groups + final kept tokens -> a full ``(B, Z, C)`` grid."""
+
+    def __init__(
+        self, dim: int, grid_hw: tuple[int, int], num_points: int, width: int, depth: int, heads: int
+    ) -> None:
+        super().__init__()
+        self.num_points = num_points
+        self.point_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_points))
+        self.group_proj = nn.ModuleList(nn.Linear(dim, width) for _ in range(num_points + 1))
+        self.layer_tokens = nn.Parameter(torch.zeros(num_points + 1, width))
+        nn.init.trunc_normal_(self.layer_tokens, std=0.02)
+        self.register_buffer("pos_embed", sincos_2d(grid_hw, width), persistent=False)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, final: Tensor, carry: Tensor, exit_point: Tensor) -> Tensor:
+        """``final``/``carry`` ``(B, Z, C)``, ``exit_point`` ``(B, Z)`` (-1 = kept to the end)."""
+        group = torch.where(exit_point < 0, torch.full_like(exit_point, self.num_points), exit_point)
+        x = final.new_zeros(*final.shape[:2], self.layer_tokens.shape[1])
+        for g, proj in enumerate(self.group_proj):
+            feats = final if g == self.num_points else self.point_norms[g](carry)
+            member = (group == g)[..., None].to(x.dtype)
+            x = x + member * (proj(feats) + self.layer_tokens[g])
+        x = x + self.pos_embed.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))
+
+
+class STPPruner(TokenPruner):
+    """STP's score network with soft top-K in training and hard top-K at inference (+ the MTA).
+
+    Args:
+        dim: token channels ``C``.
+        q: percentile of the alive tokens pruned at each point.
+        gumbel_tau: temperature of the perturbed softmax (official ``tp_tau`` 1.0).
+        perturbation: ``gumbel`` (official) or ``none`` (the same soft top-K without noise).
+        assembly: build the MTA (needs ``fill=carry``); False leaves the decoder the filled grid.
+        mta_width, mta_depth, mta_heads: MTA size (width defaults to ``dim``).
+        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
+        mode, fill: execution of the keep mask.
+        min_keep: tokens always kept per image.
+        context: the backbone's pruning context (grid and points for the MTA).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        q: float = 25,
+        gumbel_tau: float = 1.0,
+        perturbation: str = "gumbel",
+        assembly: bool = True,
+        mta_width: int | None = None,
+        mta_depth: int = 1,
+        mta_heads: int = 8,
+        threshold: str = "percentile",
+        tau: float | None = None,
+        mode: PruneMode = "drop",
+        fill: FillMode = "carry",
+        min_keep: int = 1,
+        context: PrunerContext | None = None,
+    ) -> None:
+        check_percentile_budget("stp", threshold, q, tau)
+        if perturbation not in ("gumbel", "none"):
+            raise ValueError(f"perturbation must be 'gumbel' or 'none', got {perturbation!r}")
+        if assembly and (fill != "carry" or context is None):
+            raise ValueError(
+                "stp's token assembly needs fill=carry and a backbone context (UNETR, TransUNet)"
+            )
+        super().__init__(mode=mode, fill=fill)
+        self.q = q
+        self.gumbel_tau = gumbel_tau
+        self.perturbation = perturbation
+        self.min_keep = min_keep
+        self.predictor = MlpPredictor(dim)
+        self.assembler: TokenAssembler | None = None
+        if assembly and context is not None and context.point_index == 0:
+            width = mta_width or dim
+            self.assembler = TokenAssembler(
+                dim, context.grid_hw, context.num_points, width, mta_depth, mta_heads
+            )
+
+    def extra_repr(self) -> str:
+        return f"q={self.q}, gumbel_tau={self.gumbel_tau}, perturbation={self.perturbation}"
+
+    def score_and_select(
+        self,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        image_hw: tuple[int, int],
+        positions: Tensor,
+        valid: Tensor,
+        attn: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> PruneResult:
+        """Soft top-K with a straight-through scale in training, hard top-K of ``s`` at inference."""
+        log_scores = self.predictor(tokens, valid).float()
+        if not self.training:
+            keep = percentile_keep(log_scores, valid, self.q, self.min_keep)
+            return PruneResult(keep=keep, scores=log_scores.exp().detach())
+        perturbed = log_scores
+        if self.perturbation == "gumbel":
+            uniform = torch.rand_like(log_scores).clamp(1e-10, 1 - 1e-10)
+            perturbed = log_scores - torch.log(-torch.log(uniform))
+        soft = (perturbed / self.gumbel_tau).masked_fill(~valid, -math.inf).softmax(dim=1)
+        keep = percentile_keep(soft, valid, self.q, self.min_keep)
+        delta = soft - soft.detach()
+        z = grid_hw[0] * grid_hw[1]
+        index = torch.where(valid, positions, torch.full_like(positions, z))
+        pruned_scale = torch.ones(tokens.shape[0], z + 1, dtype=delta.dtype, device=delta.device)
+        pruned_scale = pruned_scale.scatter(1, index, torch.where(keep, torch.ones_like(delta), 1 - delta))[
+            :, :z
+        ]
+        return PruneResult(
+            keep=keep,
+            scores=soft.detach(),
+            token_scale=torch.where(keep, 1 + delta, torch.ones_like(delta)).to(tokens.dtype),
+            extras={"grid_pruned_scale": pruned_scale},
+        )
+
+    def assemble(self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list) -> Tensor | None:
+        """The MTA's full grid (first point's pruner only); pruned tokens carry their soft-top-K scale."""
+        if self.assembler is None:
+            return None
+        for point, result in enumerate(results):
+            scale = result.extras.get("grid_pruned_scale")
+            if scale is not None:
+                carry = carry * torch.where(exit_point == point, scale, torch.ones_like(scale))[..., None].to(
+                    carry.dtype
+                )
+        return self.assembler(final, carry, exit_point)

@@ -1,0 +1,99 @@
+r"""TRAM (Marchetti, Traini et al., "TRAM: Token relevance with attention maps ..." Expert Systems with
+Applications 279, 127449, 2025; official code github.com/DavideTraini/TRAM, ``Code/Pretrained/TRAM.py``).
+
+The attention maps of the blocks are the layers of a multilayer network whose edges are attention
+weights. For block ``l`` with weights ``A_h`` ``(N, N)`` per head::
+
+    A     = max_h A_h                         # (N, N)
+    c_in  = sum_i A[i, :]                     # in-degree: attention each token receives
+    r_l   = A^T c_in                          # attention received from well-attended tokens
+    C_l   = C_{l-1} + (l / depth) r_l         # accumulated centrality, deeper layers weigh more
+
+At a pruning point the tokens with the lowest centrality are discarded and ``C`` is carried for the
+kept tokens. No parameters and no loss: only the attention weights are needed, so those blocks run on
+the non-fused attention path (MONAI's einsum path; timm's non-fused path), and only for this pruner.
+
+Departures, and why:
+
+- Where: the official code prunes inside blocks 4, 7, 10, after attention and before the MLP; here
+  pruning is at block boundaries like every other pruner (after the configured blocks, default 3),
+  so the token grids and skips are comparable; block 4's attention is then not part of the score.
+- Count: PrATo's percentile rule ``n - floor(q n / 100)`` per point (official: a ``cut`` of 75/50 %).
+- ``depth`` (the number of blocks) replaces the hard-coded 12; padding rows and columns are excluded.
+- No class token to remove.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+
+
+def layer_relevance(weights: Tensor, valid: Tensor) -> Tensor:
+    """``r_l`` ``(B, N)`` of one block's attention ``weights`` ``(B, heads, N, N)`` over ``valid`` tokens."""
+    pair = valid[:, :, None] & valid[:, None, :]
+    attn = weights.amax(dim=1) * pair.to(weights.dtype)
+    in_degree = attn.sum(dim=1)
+    return torch.einsum("bij,bi->bj", attn, in_degree)
+
+
+class TRAMPruner(TokenPruner):
+    """Prune the tokens with the lowest accumulated attention centrality.
+
+    Args:
+        dim: token channels (unused).
+        q: percentile of the alive tokens pruned at each point.
+        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
+        mode, fill: execution of the keep mask.
+        min_keep: tokens always kept per image.
+        context: the backbone's pruning context (``depth`` weighs the layers).
+    """
+
+    needs_attention = True
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        q: float = 25,
+        threshold: str = "percentile",
+        tau: float | None = None,
+        mode: PruneMode = "drop",
+        fill: FillMode = "zero",
+        min_keep: int = 1,
+        context: PrunerContext | None = None,
+    ) -> None:
+        check_percentile_budget("tram", threshold, q, tau)
+        super().__init__(mode=mode, fill=fill)
+        self.q = q
+        self.min_keep = min_keep
+        self.depth = context.depth if context is not None else 12
+
+    def extra_repr(self) -> str:
+        return f"q={self.q}, depth={self.depth}, mode={self.mode}, fill={self.fill}"
+
+    def observe_attention(
+        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
+    ) -> dict[str, Tensor]:
+        """``C += (l / depth) r_l`` for block ``l`` = ``block_index``."""
+        relevance = layer_relevance(weights.float(), valid)
+        previous = state.get("centrality", torch.zeros_like(relevance))
+        return {**state, "centrality": previous + (block_index / self.depth) * relevance}
+
+    def score_and_select(
+        self,
+        tokens: Tensor,
+        grid_hw: tuple[int, int],
+        box_xyxy: Tensor,
+        image_hw: tuple[int, int],
+        positions: Tensor,
+        valid: Tensor,
+        attn: Tensor | None,
+        state: dict[str, Tensor],
+    ) -> PruneResult:
+        """Keep PrATo's count of the most central tokens; carry their centrality."""
+        centrality = state["centrality"].masked_fill(~valid, 0.0)
+        keep = percentile_keep(centrality, valid, self.q, self.min_keep)
+        return PruneResult(keep=keep, scores=centrality, state={"centrality": centrality})

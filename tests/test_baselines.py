@@ -1,0 +1,347 @@
+"""The six baseline pruners: promised keep counts, differentiable training paths, real savings."""
+
+from functools import partial
+
+import pytest
+import torch
+from monai.networks.blocks import TransformerBlock
+from timm.models.vision_transformer import Block
+
+from prato_exp.metrics.efficiency import count_flops
+from prato_exp.models.base import PruningTrace, merge_early_exits
+from prato_exp.models.block_ops import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
+from prato_exp.models.unetr import PrunableUNETR
+from prato_exp.pruning.base import PrunerContext, pruning_disabled
+from prato_exp.pruning.dtop import DToPPruner, exit_mask
+from prato_exp.pruning.dynamicvit import DynamicViTPruner, policy_weights
+from prato_exp.pruning.evovit import EvoViTPruner, received_attention
+from prato_exp.pruning.prato import percentile_keep_count
+from prato_exp.pruning.random_mask import RandomPruner
+from prato_exp.pruning.stp import STPPruner
+from prato_exp.pruning.tram import TRAMPruner, layer_relevance
+
+SIZE = 64  # 4 x 4 = 16 tokens
+CONTEXT = PrunerContext(num_classes=3, grid_hw=(4, 4), depth=12)
+
+BASELINES = {
+    "random": partial(RandomPruner, q=25),
+    "dynamicvit": partial(DynamicViTPruner, q=25),
+    "evovit": partial(EvoViTPruner, q=25),
+    "dtop": partial(DToPPruner, p0=0.9),
+    "stp": partial(STPPruner, q=25),
+    "tram": partial(TRAMPruner, q=25),
+}
+COUNTED = ["random", "dynamicvit", "evovit", "stp", "tram"]
+
+
+def _net(pruner=None, **kwargs) -> PrunableUNETR:
+    torch.manual_seed(0)
+    return PrunableUNETR(
+        1, 3, img_size=SIZE, hidden_size=48, mlp_dim=96, num_heads=3, pruner=pruner, **kwargs
+    )
+
+
+def _inputs(b: int = 2):
+    torch.manual_seed(1)
+    image = torch.rand(b, 1, SIZE, SIZE)
+    box = torch.tensor([[8.0, 8.0, 40.0, 30.0], [20.0, 16.0, 60.0, 64.0]])[:b]
+    return image, box
+
+
+def _confident_dtop(net: PrunableUNETR) -> None:
+    """Make every DToP head predict class 0 with confidence ~1 (all tokens are exit candidates)."""
+    for pruner in net.pruners.values():
+        with torch.no_grad():
+            pruner.head[1].weight.mul_(0.01)
+            pruner.head[1].bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+
+
+# --- keep counts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", COUNTED)
+@pytest.mark.parametrize("training", [False, True])
+def test_keep_count_is_prato_percentile_count_in_unetr(name, training):
+    net = _net(BASELINES[name]).train(training)
+    image, box = _inputs()
+    out = net(image, box)
+    kept = out.trace.keep_grids[0].sum(dim=1)
+    expected = percentile_keep_count(torch.tensor([16, 16]), 25)
+    if name == "dynamicvit" and training:  # Gumbel samples: stochastic count, pulled by the ratio loss
+        assert "keep_ratio" in out.trace.aux_losses()
+        return
+    assert kept.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("name", ["random", "stp", "tram"])
+def test_keep_count_counts_only_valid_slots(name):
+    pruner = BASELINES[name](dim=8, context=CONTEXT).eval()
+    tokens = torch.randn(2, 10, 8)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 7:] = False
+    state = {"centrality": torch.rand(2, 10)}
+    result = pruner(tokens, (4, 4), torch.zeros(2, 4), (64, 64), valid=valid, state=state)
+    assert result.keep.sum(dim=1).tolist() == [10 - 2, 7 - 1]
+    assert not result.keep[1, 7:].any()
+
+
+def test_evovit_keeps_the_cumulative_count_at_a_second_point():
+    net = _net(BASELINES["evovit"], prune_after=(3, 6)).eval()
+    out = net(*_inputs())
+    assert [k.sum(dim=1).tolist() for k in out.trace.keep_grids] == [[12, 12], [9, 9]]
+
+
+def test_dtop_exits_exactly_the_confident_tokens_except_top_k_per_class():
+    probs = torch.tensor(
+        [
+            [
+                [0.95, 0.03, 0.02],
+                [0.97, 0.02, 0.01],
+                [0.92, 0.04, 0.04],
+                [0.90, 0.05, 0.05],  # == p0: not over the threshold
+                [0.02, 0.96, 0.02],
+                [0.05, 0.05, 0.90],
+                [0.99, 0.005, 0.005],
+            ]
+        ]
+    )
+    valid = torch.ones(1, 7, dtype=torch.bool)
+    exits = exit_mask(probs, valid, p0=0.9, k_keep=2)
+    # class 0 candidates by confidence: 6 (0.99), 1 (0.97), 0 (0.95), 2 (0.92): the top 2 stay;
+    # class 1 has one candidate (4): it stays; token 5 is not over p0
+    assert exits.tolist() == [[True, False, True, False, False, False, False]]
+
+
+def test_dtop_keeps_all_when_no_token_is_confident():
+    probs = torch.full((2, 5, 3), 1 / 3)
+    assert not exit_mask(probs, torch.ones(2, 5, dtype=torch.bool), 0.9, 5).any()
+
+
+def test_dtop_in_unetr_keeps_only_the_per_class_top_k_and_writes_head_logits():
+    net = _net(partial(DToPPruner, p0=0.9, k_keep=5)).eval()
+    _confident_dtop(net)
+    image, box = _inputs()
+    out = net(image, box)
+    assert out.trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
+    result = out.trace.results[0]
+    assert result.exit_grid.sum(dim=1).tolist() == [11, 11]
+    exited = result.exit_grid.view(2, 1, 4, 4).repeat_interleave(16, -2).repeat_interleave(16, -1)
+    early = result.early_logits.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    assert torch.equal(out.logits.masked_select(exited), early.masked_select(exited))
+
+
+def test_merge_early_exits_is_identity_without_exits():
+    logits = torch.randn(2, 3, 8, 8)
+    assert merge_early_exits(logits, PruningTrace(grid_hw=(2, 2))) is logits
+
+
+# --- random: reproducible ------------------------------------------------------------------------
+
+
+def test_random_is_reproducible_from_the_seed_and_fresh_per_image_and_call():
+    tokens = torch.zeros(2, 16, 4)
+    a, b = RandomPruner(seed=7), RandomPruner(seed=7)
+    first = a(tokens, (4, 4), torch.zeros(2, 4), (64, 64)).keep
+    assert torch.equal(first, b(tokens, (4, 4), torch.zeros(2, 4), (64, 64)).keep)
+    assert not torch.equal(first[0], first[1])
+    second = a(tokens, (4, 4), torch.zeros(2, 4), (64, 64)).keep
+    assert not torch.equal(first, second)
+    a.reset_rng()
+    assert torch.equal(first, a(tokens, (4, 4), torch.zeros(2, 4), (64, 64)).keep)
+    other = RandomPruner(seed=8)(tokens, (4, 4), torch.zeros(2, 4), (64, 64)).keep
+    assert not torch.equal(first, other)
+
+
+# --- training paths are differentiable -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dynamicvit", "stp", "dtop"])
+def test_training_gradients_reach_every_learnable_part(name):
+    net = _net(BASELINES[name]).train()
+    if name == "dtop":
+        _confident_dtop(net)
+    image, box = _inputs()
+    out = net(image, box)
+    loss = out.logits.square().mean() + sum(out.trace.aux_losses().values())
+    for result in out.trace.results:
+        if result.early_logits is not None:
+            loss = loss + result.early_logits.square().mean()
+    loss.backward()
+    missing = [n for n, p in net.pruners.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+    assert net.unetr.vit.blocks[-1].mlp.linear1.weight.grad.abs().sum() > 0
+
+
+def test_dynamicvit_predictor_gets_gradients_from_the_task_loss_alone():
+    net = _net(BASELINES["dynamicvit"]).train()
+    net(*_inputs()).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.pruners.parameters())
+
+
+def test_stp_token_scale_is_one_in_value():
+    pruner = STPPruner(dim=8, q=25, context=CONTEXT).train()
+    result = pruner(torch.randn(2, 16, 8), (4, 4), torch.zeros(2, 4), (64, 64))
+    torch.testing.assert_close(result.token_scale, torch.ones(2, 16))
+    assert result.token_scale.requires_grad
+
+
+@pytest.mark.parametrize("name", ["dynamicvit", "stp"])
+def test_training_masks_are_stochastic_and_inference_is_deterministic(name):
+    net = _net(BASELINES[name])
+    image, box = _inputs()
+    torch.manual_seed(0)
+    train_masks = [net.train()(image, box).trace.keep_grids[0] for _ in range(2)]
+    assert not torch.equal(*train_masks)
+    eval_masks = [net.eval()(image, box).trace.keep_grids[0] for _ in range(2)]
+    assert torch.equal(*eval_masks)
+
+
+def test_dynamicvit_ratio_loss_is_zero_at_the_target():
+    pruner = DynamicViTPruner(dim=8, q=25, context=CONTEXT)
+    assert pruner.target_ratio() == 0.75
+    second = DynamicViTPruner(dim=8, q=25, context=PrunerContext(3, (4, 4), 12, point_index=1, num_points=2))
+    assert second.target_ratio() == pytest.approx(0.5625)
+
+
+def test_policy_attention_with_all_kept_is_softmax_and_blocks_dropped_keys():
+    scores = torch.randn(2, 1, 5, 5)
+    torch.testing.assert_close(
+        policy_weights(torch.ones(2, 5))(scores), scores.softmax(-1), atol=1e-5, rtol=0
+    )
+    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]]).expand(2, -1)
+    weights = policy_weights(policy)(scores)
+    assert weights[:, :, [0, 1, 3]][..., [2, 4]].max() < 1e-5  # kept queries ignore dropped keys
+    assert weights[:, :, 2, 2].min() > weights[:, :, 2, 4].max()  # a dropped token attends to itself
+
+
+# --- inference really drops tokens -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_inference_flops_fall_on_the_executed_graph(name):
+    net = _net(BASELINES[name]).eval()
+    if name == "dtop":
+        _confident_dtop(net)
+    image, box = _inputs(1)
+    pruned = count_flops(net, image, box)
+    with pruning_disabled(net):
+        full = count_flops(net, image, box)
+    blocks = [f"unetr.vit.blocks.{i}" for i in range(3, 12)]
+    assert pruned.flops_under(blocks) < 0.8 * full.flops_under(blocks)
+
+
+def test_stp_assembler_cost_is_counted_in_the_pruned_part():
+    net = _net(BASELINES["stp"]).eval()
+    assert "pruners.3.assembler" in net.pruned_part()
+    report = count_flops(net, *_inputs(1))
+    assert report.flops_under(["pruners.3.assembler"]) > 0
+
+
+# --- attention-reading pruners ------------------------------------------------------------------------
+
+
+def test_monai_block_parts_reproduce_the_block_with_and_without_a_key_mask():
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 32, 4).eval()
+    x = torch.randn(2, 6, 16)
+    keep = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    out, weights = run_parts(MonaiBlockParts(block), x, key_bias(None))
+    torch.testing.assert_close(out, block(x))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+    masked, weights = run_parts(MonaiBlockParts(block), x, key_bias(keep))
+    torch.testing.assert_close(masked, block(x, attn_mask=keep))
+    assert weights[1, :, :, 4:].abs().max() == 0
+
+
+def test_timm_block_parts_reproduce_the_block():
+    torch.manual_seed(0)
+    block = Block(16, 4).eval()
+    x = torch.randn(2, 6, 16)
+    out, _ = run_parts(TimmBlockParts(block), x, key_bias(None))
+    torch.testing.assert_close(out, block(x))
+
+
+def test_tram_layer_relevance_by_hand():
+    attn = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0]]])  # (1, 3, 3)
+    other_head = torch.zeros(1, 3, 3)
+    weights = torch.stack([attn, other_head], dim=1)
+    # head max = attn; in-degrees c_in = [0.7, 1.7, 0.6]; r_j = sum_i A[i, j] c_in[i]
+    expected = torch.tensor([[0.5 * 0.7 + 0.2 * 1.7, 0.5 * 0.7 + 0.2 * 1.7 + 1.0 * 0.6, 0.6 * 1.7]])
+    torch.testing.assert_close(layer_relevance(weights, torch.ones(1, 3, dtype=torch.bool)), expected)
+
+
+def test_tram_centrality_accumulates_with_layer_weights():
+    pruner = TRAMPruner(context=PrunerContext(3, (2, 2), depth=4))
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    w1, w2 = torch.rand(1, 2, 4, 4).softmax(-1), torch.rand(1, 2, 4, 4).softmax(-1)
+    state = pruner.observe_attention(w2, valid, pruner.observe_attention(w1, valid, {}, 1), 2)
+    expected = 0.25 * layer_relevance(w1, valid) + 0.5 * layer_relevance(w2, valid)
+    torch.testing.assert_close(state["centrality"], expected)
+
+
+def test_tram_padding_does_not_change_the_relevance_of_valid_tokens():
+    weights = torch.rand(1, 2, 4, 4).softmax(-1)
+    padded = torch.zeros(1, 2, 6, 6)
+    padded[:, :, :4, :4] = weights
+    padded[:, :, 4:, :] = 0.3
+    valid = torch.tensor([[True] * 4 + [False] * 2])
+    torch.testing.assert_close(
+        layer_relevance(padded, valid)[:, :4], layer_relevance(weights, torch.ones(1, 4, dtype=torch.bool))
+    )
+
+
+def test_evovit_received_attention_sums_to_heads_over_keys():
+    weights = torch.rand(2, 3, 5, 5).softmax(-1)
+    received = received_attention(weights, torch.ones(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(received.sum(-1), torch.full((2,), 3.0))
+
+
+def _evovit_stage(representative: bool):
+    pruner = EvoViTPruner(q=25, representative=representative)
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 32, 4).eval()
+    tokens = torch.randn(1, 8, 16)
+    keep = torch.tensor([[True, False, True, True, False, True, True, True]])
+    state = {"keep": keep, "global_attn": torch.rand(1, 8)}
+    out, new_state = pruner.run_block(MonaiBlockParts(block), tokens, state)
+    return tokens, keep, out, new_state
+
+
+def test_evovit_placeholders_all_move_by_the_representative_residual():
+    tokens, keep, out, _ = _evovit_stage(representative=True)
+    delta = (out - tokens)[~keep]
+    torch.testing.assert_close(delta[0], delta[1])
+    assert delta.abs().sum() > 0
+
+
+def test_evovit_without_representative_freezes_placeholders():
+    tokens, keep, out, _ = _evovit_stage(representative=False)
+    assert torch.equal(out[~keep], tokens[~keep])
+    assert (out[keep] != tokens[keep]).any()
+
+
+def test_evovit_with_everything_informative_reproduces_the_block():
+    pruner = EvoViTPruner(q=25)
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 32, 4).eval()
+    tokens = torch.randn(2, 6, 16)
+    state = {"keep": torch.ones(2, 6, dtype=torch.bool), "global_attn": torch.rand(2, 6)}
+    out, _ = pruner.run_block(MonaiBlockParts(block), tokens, state)
+    torch.testing.assert_close(out, block(tokens))
+
+
+@pytest.mark.parametrize("name", ["random", "tram", "stp"])
+def test_drop_and_mask_give_the_same_prediction(name):
+    if name == "stp":  # the assembler reads the carried grid in both modes
+        factory = partial(STPPruner, q=25)
+        drop, mask = _net(factory).eval(), _net(partial(factory, mode="mask")).eval()
+    else:
+        drop = _net(partial(BASELINES[name].func, **BASELINES[name].keywords)).eval()
+        mask = _net(partial(BASELINES[name].func, **BASELINES[name].keywords, mode="mask")).eval()
+    image, box = _inputs()
+    torch.testing.assert_close(drop(image, box).logits, mask(image, box).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_baselines_refuse_fixed_thresholds_with_a_clear_error():
+    with pytest.raises(ValueError, match="only percentile thresholds"):
+        RandomPruner(threshold="fixed", tau=0.3)
