@@ -40,7 +40,7 @@ class CornerPruner(TokenPruner):
         super().__init__(mode=mode)
         self.side = side
 
-    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn):
+    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
         rows, cols = positions // grid_hw[1], positions % grid_hw[1]
         keep = (rows < self.side) & (cols < self.side)
         return PruneResult(keep=keep, scores=keep.float())
