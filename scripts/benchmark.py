@@ -1,9 +1,10 @@
 """Benchmark pruned vs unpruned inference: GFLOPs on the executed graph, token sparsity, latency,
 throughput and peak memory, at batch 1 and a larger batch, on CPU or GPU.
 
-Every configuration is built from the project's Hydra configs (random weights: selection depends on
-weights only for fixed thresholds; percentile keep counts do not) and fed the same phantom images with
-their tight boxes. Each pruning config is run in every requested execution mode (``drop``, ``mask``),
+Every configuration is built from the project's Hydra configs (random weights unless a trained
+checkpoint is given with ``--checkpoint``: percentile keep counts do not depend on the weights, but
+fixed thresholds and DToP's confidence-based exits do) and fed the same phantom images with their
+tight boxes. Each pruning config is run in every requested execution mode (``drop``, ``mask``),
 next to ``none``; ratios are pruned / unpruned, for the whole model and for the part pruning touches.
 The PrATo scoring itself (the pruner call at each pruning point) is timed separately.
 
@@ -11,6 +12,11 @@ Example::
 
     python scripts/benchmark.py --model unetr_small --pruning percentile25 percentile50 percentile75 \\
         --modes drop mask --batch-sizes 1 8 --out docs/results/benchmark_unetr_small_cpu
+
+    # all seven pruners at PrATo's q=25 budget, DToP with its trained heads
+    python scripts/benchmark.py --model unetr_small --input-size 128 --modes drop \\
+        --pruning percentile25 random dynamicvit evovit dtop stp tram \\
+        --checkpoint dtop=outputs/runs/<run>/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from prato_exp.cli.common import CONFIG_DIR, build_net, environment
+from prato_exp.cli.eval import load_checkpoint, load_net_weights
 from prato_exp.data.phantoms import SyntheticCardiacSource
 from prato_exp.data.prompts import BoxPrompter
 from prato_exp.data.transforms import resize_pair
@@ -160,8 +167,18 @@ def main() -> None:
     parser.add_argument(
         "--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.prune_after=[3,6,9]"
     )
+    parser.add_argument(
+        "--checkpoint",
+        nargs="*",
+        default=[],
+        help="PRUNING=PATH: load the network weights of a training checkpoint for that pruning entry",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output prefix for .json/.csv/.md")
     args = parser.parse_args()
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    unknown = set(checkpoints) - {"none", *args.pruning}
+    if unknown:
+        parser.error(f"--checkpoint names {sorted(unknown)}, not among none/--pruning {args.pruning}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -174,12 +191,16 @@ def main() -> None:
     started = time.time()
     nets = []
     for pruning, mode in runs:
-        net = build(args.model, pruning, mode, args.input_size, source, args.override).to(device)
+        net = build(args.model, pruning, mode, args.input_size, source, args.override)
+        if pruning in checkpoints:
+            load_net_weights(net, load_checkpoint(checkpoints[pruning]), checkpoints[pruning])
+        net = net.to(device)
         rows.append(
             {
                 "model": args.model,
                 "pruning": pruning,
                 "mode": mode or "-",
+                "weights": "trained" if pruning in checkpoints else "random",
                 **measure_static(net, images, boxes),
             }
         )
@@ -210,6 +231,7 @@ def markdown_table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     cols: list[tuple[str, str, Callable[[Any], str]]] = [
         ("pruning", "pruning", str),
         ("mode", "mode", str),
+        ("weights", "weights", str),
         ("GFLOPs", "gflops", "{:.3f}".format),
         ("FLOP ratio", "flop_ratio", "{:.3f}".format),
         ("part FLOP ratio", "part_flop_ratio", "{:.3f}".format),
@@ -251,7 +273,8 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: s
         f"- commit: {env['commit']}; torch {env['torch']}; {env['threads']} threads; device {args.device}"
         + (f" ({env['cuda']})" if env["cuda"] else ""),
         f"- machine: {env['machine']}",
-        f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight boxes, random init",
+        f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight boxes;"
+        " weights: random init unless the row says trained (--checkpoint)",
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
         " part = the blocks after the first pruning point; ratios are pruned / unpruned (`none`);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"

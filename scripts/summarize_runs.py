@@ -23,9 +23,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return {"dir": run_dir, "metrics": metrics, "config": config}
 
 
-def row(run: dict[str, Any]) -> dict[str, str]:
+def row(run: dict[str, Any], split: str | None = None) -> dict[str, str]:
     m, cfg = run["metrics"], run["config"]
-    split = "test" if m.get("test") else "val"
+    split = split or ("test" if m.get("test") else "val")
     scores = m[split]
     eff = m["efficiency"]
     pruner = cfg["pruning"]["_target_"].rsplit(".", 1)[-1]
@@ -33,6 +33,8 @@ def row(run: dict[str, Any]) -> dict[str, str]:
         pruner += f" {cfg['pruning']['threshold']} q={cfg['pruning']['q']} tau={cfg['pruning']['tau']}"
         where = {k: v for k, v in cfg["model"].items() if k.startswith("prune_")}
         pruner += " " + " ".join(f"{k}={v}" for k, v in where.items())
+    elif "q" in cfg["pruning"]:
+        pruner += f" q={cfg['pruning']['q']}"
     class_keys = sorted(k for k in scores if k.startswith(f"{split}/case/dsc/"))
 
     def fmt(key: str, digits: int = 4) -> str:
@@ -70,12 +72,13 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--title", default="Runs")
     parser.add_argument("--command", default=None, help="the command(s) that produced the runs")
+    parser.add_argument("--split", choices=["val", "test"], default=None, help="default: test if present")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     runs = [load_run(r) for r in args.runs if (r / "metrics.json").is_file()]
     if not runs:
         raise SystemExit("no run folder with a metrics.json among the arguments")
-    rows = [row(r) for r in runs]
+    rows = [row(r, args.split) for r in runs]
     cols = list(dict.fromkeys(k for r in rows for k in r))
     env = runs[0]["metrics"]["environment"]
     lines = [

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from prato_exp.cli.common import CONFIG_DIR
+from prato_exp.pruning.dtop import DToPPruner
+from prato_exp.pruning.dynamicvit import DynamicViTPruner
+from prato_exp.pruning.evovit import EvoViTPruner
+from prato_exp.pruning.random_mask import RandomPruner
+from prato_exp.pruning.stp import STPPruner
+from prato_exp.pruning.tram import TRAMPruner
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -45,3 +53,22 @@ def require_isic() -> Path:
     if not ISIC_ROOT.is_dir():
         pytest.skip(f"ISIC data not found at {ISIC_ROOT} (set PRATO_ISIC_ROOT to run this test)")
     return ISIC_ROOT
+
+
+BASELINES = {
+    "random": partial(RandomPruner, q=25),
+    "dynamicvit": partial(DynamicViTPruner, q=25),
+    "evovit": partial(EvoViTPruner, q=25),
+    "dtop": partial(DToPPruner, p0=0.9),
+    "stp": partial(STPPruner, q=25),
+    "tram": partial(TRAMPruner, q=25),
+}
+"""Factories of the six baseline pruners at PrATo's q=25 budget, keyed by their config name."""
+
+
+def make_dtop_confident(net: torch.nn.Module) -> None:
+    """Make every DToP head of a 3-class ``net`` predict class 0 with confidence ~1 for every token."""
+    for pruner in net.pruners.values():
+        with torch.no_grad():
+            pruner.head[1].weight.mul_(0.01)
+            pruner.head[1].bias.copy_(torch.tensor([20.0, 0.0, 0.0]))

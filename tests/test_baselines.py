@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import BASELINES, make_dtop_confident
 from monai.networks.blocks import TransformerBlock
 from timm.models.vision_transformer import Block
 
@@ -23,14 +24,6 @@ from prato_exp.pruning.tram import TRAMPruner, layer_relevance
 SIZE = 64  # 4 x 4 = 16 tokens
 CONTEXT = PrunerContext(num_classes=3, grid_hw=(4, 4), depth=12)
 
-BASELINES = {
-    "random": partial(RandomPruner, q=25),
-    "dynamicvit": partial(DynamicViTPruner, q=25),
-    "evovit": partial(EvoViTPruner, q=25),
-    "dtop": partial(DToPPruner, p0=0.9),
-    "stp": partial(STPPruner, q=25),
-    "tram": partial(TRAMPruner, q=25),
-}
 COUNTED = ["random", "dynamicvit", "evovit", "stp", "tram"]
 
 
@@ -46,14 +39,6 @@ def _inputs(b: int = 2):
     image = torch.rand(b, 1, SIZE, SIZE)
     box = torch.tensor([[8.0, 8.0, 40.0, 30.0], [20.0, 16.0, 60.0, 64.0]])[:b]
     return image, box
-
-
-def _confident_dtop(net: PrunableUNETR) -> None:
-    """Make every DToP head predict class 0 with confidence ~1 (all tokens are exit candidates)."""
-    for pruner in net.pruners.values():
-        with torch.no_grad():
-            pruner.head[1].weight.mul_(0.01)
-            pruner.head[1].bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
 
 
 # --- keep counts -------------------------------------------------------------------------------
@@ -119,7 +104,7 @@ def test_dtop_keeps_all_when_no_token_is_confident():
 
 def test_dtop_in_unetr_keeps_only_the_per_class_top_k_and_writes_head_logits():
     net = _net(partial(DToPPruner, p0=0.9, k_keep=5)).eval()
-    _confident_dtop(net)
+    make_dtop_confident(net)
     image, box = _inputs()
     out = net(image, box)
     assert out.trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
@@ -159,7 +144,7 @@ def test_random_is_reproducible_from_the_seed_and_fresh_per_image_and_call():
 def test_training_gradients_reach_every_learnable_part(name):
     net = _net(BASELINES[name]).train()
     if name == "dtop":
-        _confident_dtop(net)
+        make_dtop_confident(net)
     image, box = _inputs()
     out = net(image, box)
     loss = out.logits.square().mean() + sum(out.trace.aux_losses().values())
@@ -221,7 +206,7 @@ def test_policy_attention_with_all_kept_is_softmax_and_blocks_dropped_keys():
 def test_inference_flops_fall_on_the_executed_graph(name):
     net = _net(BASELINES[name]).eval()
     if name == "dtop":
-        _confident_dtop(net)
+        make_dtop_confident(net)
     image, box = _inputs(1)
     pruned = count_flops(net, image, box)
     with pruning_disabled(net):

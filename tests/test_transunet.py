@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import BASELINES, make_dtop_confident
 from timm.layers import Attention
 
 from prato_exp.metrics.efficiency import count_flops
@@ -159,3 +160,18 @@ def test_pretrained_encoder_weights_from_a_local_file(tmp_path):
 def test_rejects_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _net(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["random", "dynamicvit", "evovit", "dtop", "stp", "tram"])
+def test_every_baseline_trains_and_drops_tokens_in_transunet(name):
+    net = _net(BASELINES[name]).train()
+    if name == "dtop":
+        make_dtop_confident(net)
+    image, box = _inputs()
+    out = net(image, box)
+    (out.logits.square().mean() + sum(out.trace.aux_losses().values(), torch.tensor(0.0))).backward()
+    net.eval()
+    pruned = count_flops(net, image[:1], box[:1])
+    with pruning_disabled(net):
+        full = count_flops(net, image[:1], box[:1])
+    assert pruned.flops_under(net.pruned_part()[:1]) < full.flops_under(net.pruned_part()[:1])
