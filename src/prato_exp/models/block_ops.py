@@ -51,6 +51,19 @@ def run_parts(parts: BlockParts, x: Tensor, weights_fn: WeightsFn) -> tuple[Tens
     return x + parts.mlp(x), weights
 
 
+def call_within(block: nn.Module, fn: Callable[..., object], *args: object) -> object:
+    """Run ``fn(*args)`` as if it were ``block``'s forward, so module hooks see it inside ``block``.
+
+    FLOP counters attribute operations to the module whose call they happen in; the parts below call
+    a block's submodules and functional ops directly, so they enter the block through this.
+    """
+    block.forward = fn
+    try:
+        return block(*args)
+    finally:
+        del block.forward
+
+
 class MonaiBlockParts:
     """:class:`BlockParts` of a MONAI ``TransformerBlock`` (``SABlock`` einsum path)."""
 
@@ -63,6 +76,9 @@ class MonaiBlockParts:
         self.block = block
 
     def attention(self, x: Tensor, weights_fn: WeightsFn) -> tuple[Tensor, Tensor]:
+        return call_within(self.block, self._attention, x, weights_fn)
+
+    def _attention(self, x: Tensor, weights_fn: WeightsFn) -> tuple[Tensor, Tensor]:
         block, attn = self.block, self.block.attn
         q, k, v = attn.input_rearrange(attn.qkv(block.norm1(x)))
         if attn.attention_dtype is not None:
@@ -75,7 +91,7 @@ class MonaiBlockParts:
         return attn.drop_output(out), weights
 
     def mlp(self, x: Tensor) -> Tensor:
-        return self.block.mlp(self.block.norm2(x))
+        return call_within(self.block, lambda h: self.block.mlp(self.block.norm2(h)), x)
 
 
 class TimmBlockParts:
@@ -87,6 +103,9 @@ class TimmBlockParts:
         self.block = block
 
     def attention(self, x: Tensor, weights_fn: WeightsFn) -> tuple[Tensor, Tensor]:
+        return call_within(self.block, self._attention, x, weights_fn)
+
+    def _attention(self, x: Tensor, weights_fn: WeightsFn) -> tuple[Tensor, Tensor]:
         block, attn = self.block, self.block.attn
         b, n, _ = x.shape
         qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -99,7 +118,7 @@ class TimmBlockParts:
 
     def mlp(self, x: Tensor) -> Tensor:
         block = self.block
-        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return call_within(block, lambda h: block.drop_path2(block.ls2(block.mlp(block.norm2(h)))), x)
 
 
 PartsFactory = Callable[[nn.Module], BlockParts]

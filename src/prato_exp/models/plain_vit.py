@@ -144,6 +144,9 @@ def run_pruned_blocks(
     keep_fraction = []
     skips: dict[int, Tensor] = {}
     state: dict[str, Tensor] = {}
+    if prune_enabled is not None and active:
+        exempt = ~prune_enabled.to(device=tokens.device, dtype=torch.bool)
+        state["exempt"] = exempt[:, None].expand(-1, num_grid)
     runner: TokenPruner | None = None
 
     def on_grid(values: AliveTokens, fill: Tensor | None) -> Tensor:
@@ -257,12 +260,12 @@ def apply_pruner(
     full_keep = alive.valid if pruner.mode == "drop" else grid_alive
     tokens = exempt_and_scale(result, alive.tokens, full_keep, prune_enabled)
     keep = result.keep
-    new_state = dict(result.state)
+    new_state = {**({"exempt": state["exempt"]} if "exempt" in state else {}), **result.state}
     trace.results.append(result)
 
     if pruner.runs_blocks():  # the pruner runs the next blocks on the full grid itself
         new_state["keep"] = keep
-        new_grid_alive = keep & grid_alive
+        new_grid_alive = keep  # re-selected from the full grid at every point (Evo-ViT)
         trace.keep_grids.append(new_grid_alive)
         return AliveTokens(tokens, alive.positions, alive.valid), new_grid_alive, None, new_state
     if pruner.mode == "drop":

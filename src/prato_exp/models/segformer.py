@@ -57,7 +57,7 @@ from prato_exp.models.base import PruningTrace, SegOutput
 from prato_exp.models.plain_vit import exempt_and_scale
 from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PruneResult, PrunerFactory, TokenPruner
+from prato_exp.pruning.base import NoPruner, PruneResult, PrunerFactory, TokenPruner, refuse_plain_vit_only
 
 AttnImplementation = Literal["eager", "sdpa"]
 
@@ -298,6 +298,7 @@ class PrunableSegFormer(nn.Module):
                 block.__class__ = PrunableSegformerLayer
         factory = pruner or NoPruner
         point = factory(dim=stages["hidden_sizes"][prune_at_stage - 1])
+        refuse_plain_vit_only(point, "SegFormer")
         if point.needs_attention:
             raise ValueError(
                 f"{type(point).__name__} needs the previous block's attention, which SegFormer does not have "

@@ -62,7 +62,7 @@ from prato_exp.models.window_ops import (
     window_batch,
     window_layout,
 )
-from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner
+from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
 
 NUM_STAGES = 4
 
@@ -248,6 +248,7 @@ class PrunableSwinUNETR(nn.Module):
         factory = pruner or NoPruner
         dim = feature_size * 2**prune_after_stage
         self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim)})
+        refuse_plain_vit_only(self.pruners[str(prune_after_stage)], "Swin UNETR")
         if pretrained:
             load_pretrained(self.swin_unetr, pretrained)
 

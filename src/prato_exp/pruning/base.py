@@ -55,7 +55,9 @@ class PruneResult:
         aux_losses: named scalar losses the LightningModule adds to the task loss and logs.
         extras: pruner-specific tensors for plots and diagnostics (e.g. PrATo's entropy, weights).
         state: ``(B, N, ...)`` tensors slot-aligned with the tokens, gathered with the kept tokens and
-            handed to the next pruning point (and to :meth:`TokenPruner.run_block`).
+            handed to the next pruning point (and to :meth:`TokenPruner.run_block`). The backbone adds
+            ``exempt`` (``(B, N)`` bool, True in images the ``no_pruning`` fallback exempts) and, for
+            pruners that run blocks, ``keep`` (after the exemption).
         early_logits: ``(B, K, h, w)`` per-token class logits already final where ``exit_grid`` holds
             (DToP); the backbone writes them into its output and the LightningModule supervises them
             with the task loss times ``early_loss_weight``.
@@ -107,6 +109,9 @@ class TokenPruner(nn.Module):
     """
 
     needs_attention: bool = False
+    plain_vit_only: bool = False
+    """True for pruners that need the plain-ViT hooks (state, attention, block runner, early exits,
+    assembly) that only UNETR and TransUNet provide; hierarchical backbones refuse them."""
 
     def __init__(self, mode: PruneMode = "drop", fill: FillMode = "zero") -> None:
         super().__init__()
@@ -209,6 +214,15 @@ class TokenPruner(nn.Module):
     ) -> PruneResult:
         """Return the :class:`PruneResult` for the (already defaulted) arguments of :meth:`forward`."""
         raise NotImplementedError
+
+
+def refuse_plain_vit_only(pruner: TokenPruner, backbone: str) -> None:
+    """Raise a ValueError naming the pruner when it needs hooks only plain ViTs provide."""
+    if pruner.plain_vit_only:
+        raise ValueError(
+            f"{type(pruner).__name__} needs plain-ViT hooks (carried state, attention, its own block runner, "
+            f"early exits or token assembly) that {backbone} does not provide; use model=unetr or transunet"
+        )
 
 
 PrunerFactory = Callable[..., "TokenPruner"]

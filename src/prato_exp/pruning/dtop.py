@@ -72,6 +72,8 @@ class DToPPruner(TokenPruner):
         context: the backbone's pruning context (``num_classes`` for the head).
     """
 
+    plain_vit_only = True
+
     def __init__(
         self,
         dim: int,
@@ -86,8 +88,8 @@ class DToPPruner(TokenPruner):
             raise ValueError("dtop needs the backbone's class count; use it in UNETR or TransUNet")
         if not 0 < p0 <= 1:
             raise ValueError(f"p0 must lie in (0, 1], got {p0}")
-        if k_keep < 0:
-            raise ValueError(f"k_keep must be >= 0, got {k_keep}")
+        if k_keep < 1:
+            raise ValueError(f"k_keep must be >= 1 (an image must keep a token to attend to), got {k_keep}")
         super().__init__(mode=mode, fill=fill)
         self.p0 = p0
         self.k_keep = k_keep

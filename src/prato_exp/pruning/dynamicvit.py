@@ -13,8 +13,9 @@ through gradient). Nothing is removed: every later block runs on all tokens with
 the policy (``softmax_with_policy``: a kept query attends to kept keys, a dropped token to itself),
 so batch shapes stay fixed and the gradient reaches the predictor through the attention. The keep
 ratio loss ``ratio_weight / P * sum_p mean_b (mean_n D_p - rho_p)^2`` pulls the kept fraction of all
-``Z`` tokens toward the cumulative target ``rho_p``. Inference keeps the top-``k`` tokens by
-``logits[..., 0]`` and really drops the rest (the backbone's ``drop`` path).
+``Z`` tokens toward the cumulative target ``rho_p`` (over the images that are pruned: rows exempted by
+the ``no_pruning`` empty-slice fallback neither count nor pass gradients). Inference keeps the
+top-``k`` tokens by ``logits[..., 0]`` and really drops the rest (the backbone's ``drop`` path).
 
 Departures for dense prediction, and why:
 
@@ -75,13 +76,13 @@ def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:
     """
 
     def weights(scores: Tensor) -> Tensor:
-        n = scores.shape[-1]
+        n, in_dtype = scores.shape[-1], scores.dtype
         eye = torch.eye(n, dtype=torch.float32, device=scores.device)
         keys = policy.float()[:, None, None, :]
         attn_policy = keys + (1.0 - keys) * eye
         scores = scores.float()
         exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * attn_policy
-        return ((exp + eps / n) / (exp.sum(dim=-1, keepdim=True) + eps)).to(scores.dtype)
+        return ((exp + eps / n) / (exp.sum(dim=-1, keepdim=True) + eps)).to(in_dtype)
 
     return weights
 
@@ -100,6 +101,8 @@ class DynamicViTPruner(TokenPruner):
         context: the backbone's pruning context (point index and count set ``rho_p``).
     """
 
+    plain_vit_only = True
+
     def __init__(
         self,
         dim: int,
@@ -114,6 +117,10 @@ class DynamicViTPruner(TokenPruner):
         context: PrunerContext | None = None,
     ) -> None:
         check_percentile_budget("dynamicvit", threshold, q, tau)
+        if fill != "zero":
+            raise ValueError(
+                f"dynamicvit zeroes dropped places in training; fill must be 'zero', got {fill!r}"
+            )
         if mode != "drop":
             raise ValueError(
                 f"dynamicvit runs its own masked attention in training; mode must be 'drop', got {mode!r}"
@@ -158,7 +165,11 @@ class DynamicViTPruner(TokenPruner):
         sample = F.gumbel_softmax(log_probs.float(), tau=self.gumbel_tau, hard=True)[..., 0]
         policy = sample.to(tokens.dtype) * prev * valid.to(tokens.dtype)
         kept_fraction = policy.sum(dim=1) / policy.shape[1]
-        ratio_loss = ((kept_fraction - self.target_ratio()) ** 2).mean()
+        pruned_rows = (
+            ~state["exempt"][:, 0] if "exempt" in state else torch.ones_like(kept_fraction, dtype=torch.bool)
+        )
+        squared = (kept_fraction - self.target_ratio()) ** 2
+        ratio_loss = (squared * pruned_rows).sum() / pruned_rows.sum().clamp_min(1)
         return PruneResult(
             keep=policy.detach() > 0.5,
             scores=scores.detach(),
@@ -167,9 +178,15 @@ class DynamicViTPruner(TokenPruner):
         )
 
     def _policy(self, state: dict[str, Tensor]) -> Tensor:
-        """The policy in value equal to ``keep`` (exemptions applied), with the sample's gradient."""
+        """The policy in value equal to ``keep`` (exemptions applied), with the sample's gradient.
+
+        Images exempt from pruning (``state["exempt"]``) keep everything and pass no gradient.
+        """
         policy = state["policy"]
-        return state["keep"].to(policy.dtype) + (policy - policy.detach())
+        straight_through = policy - policy.detach()
+        if "exempt" in state:
+            straight_through = straight_through * (~state["exempt"]).to(policy.dtype)
+        return state["keep"].to(policy.dtype) + straight_through
 
     def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
         """One block on all tokens, attention restricted by the policy (training only)."""

@@ -66,6 +66,7 @@ class EvoViTPruner(TokenPruner):
     """
 
     needs_attention = True
+    plain_vit_only = True
 
     def __init__(
         self,

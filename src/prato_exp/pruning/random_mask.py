@@ -2,11 +2,12 @@
 tokens without any guidance").
 
 At each pruning point every image keeps a uniformly random subset of its ``n`` alive tokens of the same
-size PrATo's percentile mode keeps (``n - floor(q n / 100)``, :mod:`prato_exp.pruning.budget`). The draw
-comes from a generator owned by the pruner and seeded with ``seed``: a fresh subset for every image and
-every call, and the same sequence of subsets for the same seed. :meth:`RandomPruner.reset_rng`, called
-by the LightningModule at the start of every evaluation epoch, restarts it, so every evaluation of a
-model sees the same masks for the same data order.
+size PrATo's percentile mode keeps (``n - floor(q n / 100)``, :mod:`prato_exp.pruning.budget`), a fresh
+subset for every image and every call. Training draws from torch's global generator (seeded by the
+run's ``seed``, so a run is reproducible, and every epoch sees new masks). Evaluation draws from a
+generator owned by the pruner and seeded with ``seed``; :meth:`RandomPruner.reset_rng`, called by the
+LightningModule at the start of every evaluation epoch, restarts it, so every evaluation of a model
+sees the same masks for the same data order.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class RandomPruner(TokenPruner):
     Args:
         dim: token channels (unused: random masking has no parameters).
         q: percentile of the alive tokens pruned at each point.
-        seed: seed of the pruner's own random stream (the point index is added, so points differ).
+        seed: seed of the evaluation stream (the point index is added, so points differ).
         threshold, tau: the ``threshold`` config group's keys; only ``percentile`` is accepted.
         mode, fill: execution of the keep mask (see :mod:`prato_exp.pruning.base`).
         min_keep: tokens always kept per image.
@@ -69,7 +70,8 @@ class RandomPruner(TokenPruner):
         attn: Tensor | None,
         state: dict[str, Tensor],
     ) -> PruneResult:
-        """Draw ``u ~ U(0, 1)`` per token (on the CPU generator) and keep the top count of ``u``."""
-        scores = torch.rand(valid.shape, generator=self.generator).to(valid.device)
+        """Draw ``u ~ U(0, 1)`` per token (on the CPU) and keep the top count of ``u``."""
+        generator = None if self.training else self.generator
+        scores = torch.rand(valid.shape, generator=generator).to(valid.device)
         scores = scores.masked_fill(~valid, 0.0)
         return PruneResult(keep=percentile_keep(scores, valid, self.q, self.min_keep), scores=scores)

@@ -134,6 +134,8 @@ class STPPruner(TokenPruner):
         context: the backbone's pruning context (grid and points for the MTA).
     """
 
+    plain_vit_only = True
+
     def __init__(
         self,
         dim: int,

@@ -53,6 +53,7 @@ class TRAMPruner(TokenPruner):
     """
 
     needs_attention = True
+    plain_vit_only = True
 
     def __init__(
         self,
