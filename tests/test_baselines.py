@@ -381,3 +381,8 @@ def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
 
     with pytest.raises(ValueError, match=r"(?i)transunet"):
         PrunableSwinUNETR(1, 3, img_size=64, feature_size=12, pruner=BASELINES[name])
+
+
+def test_dtop_refuses_a_threshold_choice_with_a_clear_error():
+    with pytest.raises(ValueError, match=r"pruning\.p0"):
+        DToPPruner(dim=8, context=CONTEXT, threshold="percentile", q=25)

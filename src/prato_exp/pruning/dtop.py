@@ -70,6 +70,7 @@ class DToPPruner(TokenPruner):
         head_loss_weight: weight of this head's task loss.
         mode, fill: execution of the keep mask (``fill=zero`` is DToP's zeroing of exited tokens).
         context: the backbone's pruning context (``num_classes`` for the head).
+        threshold, q, tau: refused (the ``threshold`` group does not apply to DToP).
     """
 
     plain_vit_only = True
@@ -83,7 +84,15 @@ class DToPPruner(TokenPruner):
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
         context: PrunerContext | None = None,
+        threshold: str | None = None,
+        q: float | None = None,
+        tau: float | None = None,
     ) -> None:
+        if threshold is not None or q is not None or tau is not None:
+            raise ValueError(
+                "dtop has no token budget (tokens exit by confidence): set pruning.p0 and pruning.k_keep "
+                f"instead of a threshold choice (got threshold={threshold!r}, q={q!r}, tau={tau!r})"
+            )
         if context is None:
             raise ValueError("dtop needs the backbone's class count; use it in UNETR or TransUNet")
         if not 0 < p0 <= 1:
