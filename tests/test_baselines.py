@@ -386,3 +386,13 @@ def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
 def test_dtop_refuses_a_threshold_choice_with_a_clear_error():
     with pytest.raises(ValueError, match=r"pruning\.p0"):
         DToPPruner(dim=8, context=CONTEXT, threshold="percentile", q=25)
+
+
+def test_dtop_exits_nothing_during_its_warm_up_steps():
+    net = _net(partial(DToPPruner, p0=0.9, exit_warmup_steps=10))
+    make_dtop_confident(net)
+    pruner = net.pruners["3"]
+    pruner.on_train_batch(9)
+    assert net(*_inputs()).trace.keep_grids[0].all()
+    pruner.on_train_batch(10)
+    assert net(*_inputs()).trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]

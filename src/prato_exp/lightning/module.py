@@ -93,6 +93,11 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._reset_pruner_rngs()
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        for module in self.net.modules():
+            if isinstance(module, TokenPruner):
+                module.on_train_batch(self.global_step)
+
     def on_test_epoch_start(self) -> None:
         self._reset_pruner_rngs()
 

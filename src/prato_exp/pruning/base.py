@@ -201,6 +201,9 @@ class TokenPruner(nn.Module):
     def reset_rng(self) -> None:
         """Restart any random stream (called at the start of every evaluation epoch)."""
 
+    def on_train_batch(self, step: int) -> None:
+        """Called by the LightningModule before every training batch with the global step (schedules)."""
+
     def score_and_select(
         self,
         tokens: Tensor,

@@ -26,9 +26,11 @@ Departures for this framework, and why:
   model's Dice-CE on the bilinearly upsampled canvas, not the ATM set loss.
 - The decoder here is convolutional, so exited places are zero-filled (as in the original's backbone)
   and their logits are explicitly replaced by the early prediction after decoding.
-- One-step training: the original trains heads without pruning (``p0 = 1``) and then fine-tunes with
-  pruning; here pruning is active from the start. An untrained head is rarely confident (``c > 0.9``
-  needs a peaked softmax), so early training runs nearly unpruned until the heads learn.
+- One run instead of two: the original trains the heads without pruning (``p0 = 1``) and then fine-tunes
+  with pruning. ``exit_warmup_steps`` reproduces that in one run (no exits, in training and validation,
+  before that many optimiser steps); the default 0 prunes from the start. From scratch, heads become
+  confident on the majority class (background) within an epoch: with 0 warm-up steps the paper-size
+  UNETR exited 97 % of its tokens after one phantom epoch and predicted background everywhere.
 - Keep counts depend on the image (confidence), not on a ratio; tables report DToP's measured sparsity.
 """
 
@@ -70,6 +72,7 @@ class DToPPruner(TokenPruner):
         head_loss_weight: weight of this head's task loss.
         mode, fill: execution of the keep mask (``fill=zero`` is DToP's zeroing of exited tokens).
         context: the backbone's pruning context (``num_classes`` for the head).
+        exit_warmup_steps: training steps without exits (heads learn first, the original's first stage).
         threshold, q, tau: refused (the ``threshold`` group does not apply to DToP).
     """
 
@@ -84,6 +87,7 @@ class DToPPruner(TokenPruner):
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
         context: PrunerContext | None = None,
+        exit_warmup_steps: int = 0,
         threshold: str | None = None,
         q: float | None = None,
         tau: float | None = None,
@@ -103,11 +107,21 @@ class DToPPruner(TokenPruner):
         self.p0 = p0
         self.k_keep = k_keep
         self.head_loss_weight = head_loss_weight
+        self.exit_warmup_steps = exit_warmup_steps
+        self._train_step: int | None = None
         self.num_classes = context.num_classes
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, context.num_classes))
 
     def extra_repr(self) -> str:
-        return f"p0={self.p0}, k_keep={self.k_keep}, classes={self.num_classes}"
+        return f"p0={self.p0}, k_keep={self.k_keep}, warmup={self.exit_warmup_steps}"
+
+    def on_train_batch(self, step: int) -> None:
+        """Track the global step for the exit warm-up (unset outside training: exits are on)."""
+        self._train_step = step
+
+    def exits_enabled(self) -> bool:
+        """False during the warm-up of a training run."""
+        return self._train_step is None or self._train_step >= self.exit_warmup_steps
 
     def score_and_select(
         self,
@@ -127,7 +141,7 @@ class DToPPruner(TokenPruner):
         logits = self.head(tokens).float()  # (B, N, K)
         with torch.no_grad():
             probs = logits.softmax(dim=-1)
-            exits = exit_mask(probs, valid, self.p0, self.k_keep)
+            exits = exit_mask(probs, valid, self.p0, self.k_keep) & self.exits_enabled()
             confidence = probs.amax(dim=-1).masked_fill(~valid, 0.0)
         index = torch.where(valid, positions, torch.full_like(positions, z))
         previous = state.get("grid_canvas", logits.new_zeros(b, z, self.num_classes))
