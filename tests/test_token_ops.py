@@ -2,7 +2,7 @@
 
 import torch
 
-from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid
+from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid, write_to_grid
 
 
 def _grid_tokens(b: int = 2, z: int = 6, c: int = 3) -> torch.Tensor:
@@ -48,3 +48,14 @@ def test_keep_on_grid_marks_alive_places_only():
     keep = torch.tensor([[0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
     kept = gather_kept(AliveTokens.full_grid(_grid_tokens()), keep)
     assert torch.equal(keep_on_grid(kept, 6), keep)
+
+
+def test_write_to_grid_writes_valid_slots_only_and_keeps_the_rest():
+    grid = torch.full((1, 5, 2), -1.0)
+    values = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
+    positions = torch.tensor([[3, 0, 0]])
+    valid = torch.tensor([[True, True, False]])
+    out = write_to_grid(grid, values, positions, valid)
+    expected = torch.tensor([[[2.0, 2.0], [-1.0, -1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]]])
+    assert torch.equal(out, expected)
+    assert torch.equal(grid, torch.full((1, 5, 2), -1.0))

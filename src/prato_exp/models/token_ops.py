@@ -89,3 +89,17 @@ def keep_on_grid(alive: AliveTokens, num_grid: int) -> Tensor:
     """``(B, Z)`` bool: which grid places hold an alive token."""
     counts = torch.zeros(alive.valid.shape[0], num_grid, dtype=torch.int32, device=alive.valid.device)
     return counts.scatter_add(1, alive.positions, alive.valid.to(torch.int32)) > 0
+
+
+def write_to_grid(grid: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    """``grid`` ``(B, Z, ...)`` with ``values`` ``(B, N, ...)`` written at ``positions`` ``(B, N)``.
+
+    Only slots where ``valid`` ``(B, N)`` holds are written; other places keep ``grid``'s values.
+    Out of place, so gradients reach both ``grid`` and ``values``.
+    """
+    b, z = grid.shape[:2]
+    trailing = grid.shape[2:]
+    index = torch.where(valid, positions, torch.full_like(positions, z))
+    index = index.reshape(*index.shape, *([1] * len(trailing))).expand(-1, -1, *trailing)
+    padded = torch.cat([grid, grid.new_zeros(b, 1, *trailing)], dim=1)
+    return padded.scatter(1, index, values.to(grid.dtype))[:, :z]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from prato_exp.models.token_ops import write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 
 
@@ -143,13 +144,9 @@ class DToPPruner(TokenPruner):
             probs = logits.softmax(dim=-1)
             exits = exit_mask(probs, valid, self.p0, self.k_keep) & self.exits_enabled()
             confidence = probs.amax(dim=-1).masked_fill(~valid, 0.0)
-        index = torch.where(valid, positions, torch.full_like(positions, z))
         previous = state.get("grid_canvas", logits.new_zeros(b, z, self.num_classes))
-        padded = torch.cat([previous, previous.new_zeros(b, 1, self.num_classes)], dim=1)
-        canvas = padded.scatter(1, index[..., None].expand(-1, -1, self.num_classes), logits)[:, :z]
-        exit_grid = torch.zeros(b, z + 1, dtype=torch.bool, device=tokens.device).scatter(1, index, exits)[
-            :, :z
-        ]
+        canvas = write_to_grid(previous, logits, positions, valid)
+        exit_grid = write_to_grid(torch.zeros_like(exits[:, :1]).expand(b, z), exits, positions, valid)
         return PruneResult(
             keep=valid & ~exits,
             scores=confidence,

@@ -36,37 +36,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from prato_exp.models.block_ops import BlockParts, WeightsFn
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
-
-
-class PredictorLG(nn.Module):
-    """DynamicViT's local-global prediction module: ``(B, N, C)`` tokens -> ``(B, N, 2)`` log-probs."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2),
-            nn.GELU(),
-            nn.Linear(dim // 2, dim // 4),
-            nn.GELU(),
-            nn.Linear(dim // 4, 2),
-            nn.LogSoftmax(dim=-1),
-        )
-
-    def forward(self, tokens: Tensor, policy: Tensor) -> Tensor:
-        """Log ``(keep, drop)`` probabilities; ``policy`` ``(B, N)`` weights the global average."""
-        y = self.in_conv(tokens)
-        half = y.shape[-1] // 2
-        weights = policy[..., None].to(y.dtype)
-        global_ = (y[..., half:] * weights).sum(dim=1, keepdim=True) / weights.sum(
-            dim=1, keepdim=True
-        ).clamp_min(1)
-        return self.out_conv(torch.cat([y[..., :half], global_.expand(-1, y.shape[1], -1)], dim=-1))
+from prato_exp.pruning.predictors import LocalGlobalScorer
 
 
 def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:
@@ -132,7 +107,7 @@ class DynamicViTPruner(TokenPruner):
         self.min_keep = min_keep
         self.point_index = context.point_index if context is not None else 0
         self.num_points = context.num_points if context is not None else 1
-        self.predictor = PredictorLG(dim)
+        self.predictor = LocalGlobalScorer(dim, out_features=2)
 
     def extra_repr(self) -> str:
         return f"q={self.q}, ratio_weight={self.ratio_weight}, point={self.point_index}/{self.num_points}"
@@ -157,7 +132,7 @@ class DynamicViTPruner(TokenPruner):
     ) -> PruneResult:
         """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
         prev = self._policy(state) if "policy" in state else valid.to(tokens.dtype)
-        log_probs = self.predictor(tokens, prev)
+        log_probs = self.predictor(tokens, prev).log_softmax(dim=-1)
         scores = log_probs[..., 0].exp()
         if not self.training:
             keep = percentile_keep(scores, valid, self.q, self.min_keep)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from prato_exp.models.block_ops import BlockParts, key_bias
-from prato_exp.models.token_ops import AliveTokens, gather_slots, kept_order, scatter_to_grid
+from prato_exp.models.token_ops import AliveTokens, gather_slots, kept_order, scatter_to_grid, write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
 
@@ -125,7 +125,7 @@ class EvoViTPruner(TokenPruner):
     def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
         """Slow path for informative tokens + representative, fast path for placeholders."""
         keep, g = state["keep"], state["global_attn"]
-        b, z, _ = tokens.shape
+        z = tokens.shape[1]
         order, inf_valid = kept_order(keep)
         informative = gather_slots(tokens, order, inf_valid)
         slots, slot_valid = informative, inf_valid
@@ -146,8 +146,5 @@ class EvoViTPruner(TokenPruner):
             fill = tokens + (r1 + r2)[:, n_inf:] * placeholder[..., None].to(tokens.dtype)
         grid = scatter_to_grid(AliveTokens(out[:, :n_inf], order, inf_valid), z, fill)
         received = received_attention(weights.detach()[:, :, :n_inf, :n_inf], inf_valid)
-        index = torch.where(inf_valid, order, torch.full_like(order, z))
-        g_inf = torch.gather(g, 1, order.clamp_max(z - 1))
-        updated = (1 - self.momentum) * g_inf + self.momentum * received
-        g_new = torch.cat([g, g.new_zeros(b, 1)], dim=1).scatter(1, index, updated)[:, :z]
-        return grid, {**state, "global_attn": g_new}
+        updated = (1 - self.momentum) * torch.gather(g, 1, order) + self.momentum * received
+        return grid, {**state, "global_attn": write_to_grid(g, updated, order, inf_valid)}

@@ -42,33 +42,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from prato_exp.models.token_ops import write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
-
-
-class MlpPredictor(nn.Module):
-    """STP's score network: ``(B, N, C)`` tokens -> ``(B, N)`` log-scores (global mean over valid)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2),
-            nn.GELU(),
-            nn.Linear(dim // 2, dim // 4),
-            nn.GELU(),
-            nn.Linear(dim // 4, 1),
-        )
-
-    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
-        y = self.in_conv(tokens)
-        half = y.shape[-1] // 2
-        weights = valid[..., None].to(y.dtype)
-        global_ = (y[..., half:] * weights).sum(dim=1, keepdim=True) / weights.sum(
-            dim=1, keepdim=True
-        ).clamp_min(1)
-        z = torch.cat([y[..., :half], global_.expand(-1, y.shape[1], -1)], dim=-1)
-        return F.logsigmoid(self.out_conv(z)[..., 0])
+from prato_exp.pruning.predictors import LocalGlobalScorer
 
 
 def sincos_2d(grid_hw: tuple[int, int], dim: int) -> Tensor:
@@ -165,7 +142,7 @@ class STPPruner(TokenPruner):
         self.gumbel_tau = gumbel_tau
         self.perturbation = perturbation
         self.min_keep = min_keep
-        self.predictor = MlpPredictor(dim)
+        self.predictor = LocalGlobalScorer(dim, out_features=1)
         self.assembler: TokenAssembler | None = None
         if assembly and context is not None and context.point_index == 0:
             width = mta_width or dim
@@ -188,7 +165,7 @@ class STPPruner(TokenPruner):
         state: dict[str, Tensor],
     ) -> PruneResult:
         """Soft top-K with a straight-through scale in training, hard top-K of ``s`` at inference."""
-        log_scores = self.predictor(tokens, valid).float()
+        log_scores = F.logsigmoid(self.predictor(tokens, valid.to(tokens.dtype))[..., 0]).float()
         if not self.training:
             keep = percentile_keep(log_scores, valid, self.q, self.min_keep)
             return PruneResult(keep=keep, scores=log_scores.exp().detach())
@@ -199,12 +176,10 @@ class STPPruner(TokenPruner):
         soft = (perturbed / self.gumbel_tau).masked_fill(~valid, -math.inf).softmax(dim=1)
         keep = percentile_keep(soft, valid, self.q, self.min_keep)
         delta = soft - soft.detach()
-        z = grid_hw[0] * grid_hw[1]
-        index = torch.where(valid, positions, torch.full_like(positions, z))
-        pruned_scale = torch.ones(tokens.shape[0], z + 1, dtype=delta.dtype, device=delta.device)
-        pruned_scale = pruned_scale.scatter(1, index, torch.where(keep, torch.ones_like(delta), 1 - delta))[
-            :, :z
-        ]
+        ones = torch.ones(tokens.shape[0], grid_hw[0] * grid_hw[1], dtype=delta.dtype, device=delta.device)
+        pruned_scale = write_to_grid(
+            ones, torch.where(keep, torch.ones_like(delta), 1 - delta), positions, valid
+        )
         return PruneResult(
             keep=keep,
             scores=soft.detach(),
