@@ -146,7 +146,7 @@ class DToPPruner(TokenPruner):
             confidence = probs.amax(dim=-1).masked_fill(~valid, 0.0)
         previous = state.get("grid_canvas", logits.new_zeros(b, z, self.num_classes))
         canvas = write_to_grid(previous, logits, positions, valid)
-        exit_grid = write_to_grid(torch.zeros_like(exits[:, :1]).expand(b, z), exits, positions, valid)
+        exit_grid = write_to_grid(exits.new_zeros(b, z), exits, positions, valid)
         return PruneResult(
             keep=valid & ~exits,
             scores=confidence,
