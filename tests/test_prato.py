@@ -173,15 +173,19 @@ def test_soft_keeps_all_and_scales_by_scores():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"q": 0}, "q must lie in"),
-        ({"q": 100}, "q must lie in"),
+        ({"q": 0}, r"pruning.q \(percentile\) must lie in \(0, 100\)"),
+        ({"q": 100}, r"pruning.q \(percentile\) must lie in"),
         ({"threshold": "fixed"}, "tau"),
         ({"threshold": "fixed", "tau": 1.0}, "tau"),
-        ({"threshold": "otsu"}, "threshold must be"),
-        ({"query": "crop"}, "query must be"),
-        ({"soft": True}, "soft=True requires mode='zero_once'"),
-        ({"min_keep": -1}, "min_keep"),
-        ({"mode": "prune"}, "mode must be"),
+        ({"threshold": "otsu"}, r"pruning.threshold must be one of \('percentile', 'fixed'\)"),
+        ({"query": "crop"}, r"pruning.query must be one of \('roialign', 'naive'\), got 'crop'"),
+        ({"soft": True}, "soft=true requires pruning.mode=zero_once"),
+        ({"min_keep": -1}, "min_keep must be >= 1"),
+        ({"min_keep": 0}, "min_keep must be >= 1"),
+        ({"mode": "dorp"}, r"pruning.mode must be one of \('drop', 'mask', 'zero_once'\), got 'dorp'"),
+        ({"fill": "mean"}, r"pruning.fill must be one of \('zero', 'carry'\), got 'mean'"),
+        ({"tau": 0.3}, "pruning.tau=0.3 is not used with threshold=percentile"),
+        ({"threshold": "fixed", "tau": 0.3, "q": 25}, "pruning.q=25 is not used with threshold=fixed"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, message):

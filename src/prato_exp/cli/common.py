@@ -11,18 +11,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prato_exp.data.base import SegSource
 from prato_exp.lightning.datamodule import EvalSlices, SegDataModule
 from prato_exp.metrics.efficiency import count_flops, measure_latency
+from prato_exp.models.box_channel import BoxChannelInput
 from prato_exp.pruning.base import pruning_disabled
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+ROW_SUFFIXES = {"unpruned": "", "prato": " + PrATo", "box_channel": " + box channel"}
+
+
+def backbone_row(model_target: str, row_key: str) -> str:
+    """Table V row label: the backbone's display name and what the row adds (``UNETR + PrATo``)."""
+    name = getattr(get_class(model_target), "display_name", model_target.rsplit(".", 1)[-1])
+    if name == "BasicUNet":
+        return "BasicUNet (CNN reference)"
+    if row_key not in ROW_SUFFIXES:
+        raise ValueError(f"report.row_key must be one of {sorted(ROW_SUFFIXES)} in Table V, got {row_key!r}")
+    return name + ROW_SUFFIXES[row_key]
+
+
+def threshold_row(threshold: str, q: float | None, tau: float | None) -> str:
+    """Table II row label of a PrATo threshold: ``q=25`` or ``tau=0.3``."""
+    return f"q={q:g}" if threshold == "percentile" else f"tau={tau:g}"
+
+
+for _name, _resolver in (("backbone_row", backbone_row), ("threshold_row", threshold_row)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def build_datamodule(cfg: DictConfig) -> SegDataModule:
@@ -35,9 +58,41 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
     )
 
 
-def build_net(model_cfg: DictConfig, source: SegSource) -> nn.Module:
-    """The network of ``model_cfg`` sized for ``source``'s channels and classes."""
-    return instantiate(model_cfg, in_channels=source.in_channels, out_channels=source.num_classes)
+def source_class(dataset_cfg: DictConfig) -> type[SegSource]:
+    """The dataset source class of ``dataset_cfg`` without building it (channels and classes are class
+    attributes), so a run can build its network, and so check its model and pruning values, first."""
+    cls = get_class(dataset_cfg._target_)
+    if not (isinstance(cls, type) and issubclass(cls, SegSource)):
+        raise ValueError(f"dataset._target_={dataset_cfg._target_!r} is not a SegSource subclass")
+    return cls
+
+
+def build_net(
+    model_cfg: DictConfig, source: SegSource | type[SegSource], box_channel: bool = False
+) -> nn.Module:
+    """The network of ``model_cfg`` sized for ``source``'s channels and classes (an instance or class).
+
+    With ``box_channel`` the network takes one more input channel, the box prompt as a binary mask
+    (:class:`~prato_exp.models.box_channel.BoxChannelInput`), the control row of Tables IV and V.
+    """
+    net = instantiate(
+        model_cfg, in_channels=source.in_channels + int(box_channel), out_channels=source.num_classes
+    )
+    return BoxChannelInput(net) if box_channel else net
+
+
+def check_run_config(cfg: DictConfig) -> nn.Module:
+    """Validate every value of a run before any data is read; return the network it builds.
+
+    Builds the network (which checks the model and pruning keys: unknown ``mode``, ``fill``,
+    ``threshold`` or ``query``, ``q``/``tau`` out of range or unused by the threshold, ``min_keep < 1``)
+    and the box prompter, so a typo fails in a second, not after the data has loaded.
+    """
+    if not isinstance(cfg.get("box_channel", False), bool):
+        raise ValueError(f"box_channel must be true or false, got {cfg.box_channel!r}")
+    net = build_net(cfg.model, source_class(cfg.dataset), cfg.get("box_channel", False))
+    instantiate(cfg.prompt)
+    return net
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:
@@ -113,6 +168,21 @@ def efficiency_report(
         report["latency_ratio"] = report["latency"]["median_ms"] / report["unpruned"]["latency"]["median_ms"]
     net.train(was_training)
     return report
+
+
+def report_block(cfg: DictConfig, split: str, scored_checkpoint: str) -> dict[str, Any]:
+    """What ``prato-report`` groups and captions a run by: table, row, split, weights, scale, prompt."""
+    report = OmegaConf.to_container(cfg.get("report") or {}, resolve=True)
+    return {
+        "table": report.get("table"),
+        "row": report.get("row"),
+        "reference_row": report.get("reference_row"),
+        "split": split,
+        "checkpoint": scored_checkpoint,
+        "scale": report.get("scale"),
+        "prompt": cfg.prompt.condition,
+        "oracle_boxes": "box prompts are oracle boxes from the ground truth",
+    }
 
 
 def git_commit() -> str | None:

@@ -10,7 +10,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -18,13 +18,15 @@ from prato_exp.cli.common import (
     CONFIG_DIR,
     build_datamodule,
     build_logger,
-    build_net,
+    check_run_config,
     efficiency_report,
     environment,
     prepare_run_dir,
+    report_block,
     write_json,
 )
 from prato_exp.lightning.module import SegmentationModule
+from prato_exp.report.samples import save_report_samples
 from prato_exp.visualize import save_overlays
 
 log = logging.getLogger(__name__)
@@ -53,20 +55,99 @@ def load_net_weights(net: nn.Module, checkpoint: dict[str, Any], path: str | Pat
         ) from err
 
 
-def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Score ``cfg.ckpt`` on the chosen split; write ``metrics.json`` and overlay PNGs into ``run_dir``."""
-    run_dir = prepare_run_dir(run_dir)
-    checkpoint = load_checkpoint(cfg.ckpt)
-    run_cfg = OmegaConf.create(checkpoint["prato_run_config"])
+EVAL_KEYS = frozenset(
+    {
+        "task_name",
+        "ckpt",
+        "split",
+        "num_overlays",
+        "dataset",
+        "prompt",
+        "pruning",
+        "trainer",
+        "logger",
+        "report",
+    }
+)
+"""Top-level keys of ``eval.yaml``; anything else on the command line (``+model.x=...``) is refused."""
+
+
+def rescoring_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """The checkpoint's run config with eval's ``dataset``, ``prompt`` and ``pruning`` overrides applied.
+
+    A pruning override may change only the keys the trained pruner lists in ``rescorable`` (those no
+    learned part depends on, e.g. PrATo's ``q``, ``tau`` or ``k``); another pruner, or a key its weights
+    depend on, is refused with the keys that may change. Keys eval does not use are errors, not silence.
+    """
+    unused = sorted(set(cfg.keys()) - EVAL_KEYS)
+    if unused:
+        raise ValueError(
+            f"eval.py does not use {unused}: the model and training come from the checkpoint. It takes "
+            f"{sorted(EVAL_KEYS)}, e.g. dataset=isic, prompt=misleading, threshold=percentile50, +pruning.k=7"
+        )
+    run_cfg = run_cfg.copy()
     for group in ("dataset", "prompt"):
         if cfg.get(group):
             run_cfg[group] = cfg[group]
+    if cfg.get("pruning"):
+        changes = _pruning_changes(run_cfg.pruning, cfg.pruning)
+        for key, value in changes.items():
+            run_cfg.pruning[key] = value
+            run_cfg.model.pruner[key] = value
+        if changes:
+            log.info("re-scoring with pruning changes %s", changes)
+    return run_cfg
+
+
+def _pruning_changes(trained: DictConfig, requested: DictConfig) -> dict[str, Any]:
+    target = trained.get("_target_")
+    if requested.get("_target_", target) != target:
+        raise ValueError(
+            f"the checkpoint was trained with pruning._target_={target}; eval can re-score it under other "
+            f"values of that pruner's re-scorable keys, not under another pruner ({requested._target_})"
+        )
+    changes = {
+        key: value
+        for key, value in requested.items()
+        if key not in ("_target_", "_partial_") and (key not in trained or trained[key] != value)
+    }
+    if not changes:
+        return {}
+    pruner_cls = get_class(target)
+    allowed = sorted(getattr(pruner_cls, "rescorable", frozenset()))
+    refused = sorted(k for k in changes if k not in allowed)
+    if refused:
+        what = ", ".join(f"pruning.{k}={changes[k]!r}" for k in refused)
+        reason = (
+            f"re-scorable keys of {pruner_cls.__name__}: {allowed}"
+            if allowed
+            else (f"{pruner_cls.__name__} has no re-scorable key (a learned part depends on its settings)")
+        )
+        raise ValueError(f"cannot re-score this checkpoint with {what}: {reason}; retrain instead")
+    return changes
+
+
+def _checkpoint_kind(path: str | Path) -> str:
+    name = Path(path).name
+    if name.startswith("best"):
+        return "best on validation"
+    return "final epoch" if name.startswith("last") else f"checkpoint {name}"
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Score ``cfg.ckpt`` on the chosen split; write ``metrics.json`` and overlay PNGs into ``run_dir``.
+
+    Every value is checked, and the network built, before any data is read.
+    """
+    checkpoint = load_checkpoint(cfg.ckpt)
+    run_cfg = rescoring_config(cfg, OmegaConf.create(checkpoint["prato_run_config"]))
+    net = check_run_config(run_cfg)
+    load_net_weights(net, checkpoint, cfg.ckpt)
+    run_dir = prepare_run_dir(run_dir)
     OmegaConf.save(run_cfg, run_dir / "config.yaml")
     pl.seed_everything(run_cfg.seed, workers=True)
 
     datamodule = build_datamodule(run_cfg)
-    net = build_net(run_cfg.model, datamodule.source)
-    load_net_weights(net, checkpoint, cfg.ckpt)
     module = SegmentationModule(
         net=net,
         loss=instantiate(run_cfg.loss),
@@ -103,10 +184,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     if split == "val":
         results["note"] = "scored on the validation split: these are validation figures"
-    results["figures"] = [
-        str(p) for p in save_overlays(net, eval_set, run_dir / "overlays", cfg.num_overlays)
-    ]
-    write_json(run_dir / "metrics.json", results)
+    results["seed"] = run_cfg.seed
+    results["report"] = report_block(run_cfg, split, _checkpoint_kind(cfg.ckpt))
+    results["report"].update({k: v for k, v in (cfg.get("report") or {}).items() if v is not None})
+    if trainer.is_global_zero:
+        results["figures"] = [
+            str(p) for p in save_overlays(net, eval_set, run_dir / "overlays", cfg.num_overlays)
+        ]
+        save_report_samples(net, eval_set, run_dir)
+        write_json(run_dir / "metrics.json", results)
     return results
 
 

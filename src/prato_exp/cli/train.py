@@ -19,28 +19,41 @@ from prato_exp.cli.common import (
     CONFIG_DIR,
     build_datamodule,
     build_logger,
-    build_net,
+    check_run_config,
     efficiency_report,
     environment,
     prepare_run_dir,
+    report_block,
     write_json,
 )
+from prato_exp.lightning.callbacks import EpochSeed, NonFiniteLossGuard
 from prato_exp.lightning.module import SegmentationModule
+from prato_exp.report.samples import save_report_samples
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_POLICIES = ("auto", "best", "last")
+
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one training job described by ``cfg`` into ``run_dir``; return what ``metrics.json`` holds."""
-    run_dir = prepare_run_dir(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    """Run one training job described by ``cfg`` into ``run_dir``; return what ``metrics.json`` holds.
+
+    Every config value is checked (the network is built) before any data is read. The scored weights
+    follow ``eval_checkpoint``: ``auto`` scores the best-on-validation checkpoint where a test split is
+    scored and the final-epoch weights where only validation is (never select on the split reported).
+    """
     pl.seed_everything(cfg.seed, workers=True)
+    net = check_run_config(cfg)
+    policy = _checkpoint_policy(cfg.eval_checkpoint)
+    run_dir = prepare_run_dir(run_dir)
+    log.info("run folder: %s", run_dir.resolve())
+    OmegaConf.save(cfg, run_dir / "config.yaml")
 
     datamodule = build_datamodule(cfg)
     source = datamodule.source
     datamodule.write_split_ids(run_dir)
     module = SegmentationModule(
-        net=build_net(cfg.model, source),
+        net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -55,33 +68,44 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         save_last=True,
         auto_insert_metric_name=False,
     )
+    callbacks = [checkpoint, NonFiniteLossGuard(), EpochSeed(cfg.seed)]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = build_logger(cfg, run_dir, name=run_dir.name)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), logger=logger or False, callbacks=[checkpoint]
+        cfg.trainer, default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks
     )
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - started
     best = checkpoint.best_model_path or None
-    if best is None:
-        log.warning("no checkpoint was saved (fast_dev_run?): evaluating the final weights")
+    score_test = bool(cfg.run_test and datamodule.has_test)
+    if policy == "auto":
+        policy = "best" if score_test else "last"
+    if policy == "best" and best is None:
+        log.warning("no best checkpoint was saved (fast_dev_run?): scoring the final weights")
+        policy = "last"
+    scored = best if policy == "best" else None
 
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "choices": _choices(cfg),
         "seed": cfg.seed,
         "best_checkpoint": best,
+        "last_checkpoint": checkpoint.last_model_path or None,
+        "scored_checkpoint": "best on validation" if policy == "best" else "final epoch",
         "train_seconds": train_seconds,
         "epochs_run": trainer.current_epoch,
         "splits": {k: len(v) for k, v in source.split_ids().items()},
         "environment": environment(),
     }
-    eval_kwargs = {"datamodule": datamodule, "ckpt_path": best, "verbose": False}
+    eval_kwargs = {"datamodule": datamodule, "ckpt_path": scored, "verbose": False}
+    log.info("scoring the %s weights on the validation split", results["scored_checkpoint"])
     trainer.validate(module, **eval_kwargs)
     results["val"] = module.last_metrics["val"]
     results["per_case"] = {"val": module.last_per_case["val"]}
-    if cfg.run_test and datamodule.has_test:
+    if score_test:
+        log.info("scoring the %s weights on the test split", results["scored_checkpoint"])
         trainer.test(module, **eval_kwargs)
         results["test"] = module.last_metrics["test"]
         results["per_case"]["test"] = module.last_per_case["test"]
@@ -90,7 +114,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         results["note"] = "no test split here (or run_test=false): the reported figures are validation"
 
     split = "test" if results["test"] is not None else "val"
+    results["report"] = report_block(cfg, split, results["scored_checkpoint"])
     device = module.device if trainer.strategy.root_device.type != "cpu" else torch.device("cpu")
+    log.info(
+        "efficiency pass: FLOPs on %d images and latency, pruned and unpruned", cfg.efficiency.flop_images
+    )
     results["efficiency"] = efficiency_report(
         module.net,
         datamodule.eval_set(split),
@@ -106,8 +134,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         )
         logger.finalize("success")
     if trainer.is_global_zero:
+        log.info("saving the report's figure samples")
+        save_report_samples(module.net, datamodule.eval_set(split), run_dir)
         write_json(run_dir / "metrics.json", results)
     return results
+
+
+def _checkpoint_policy(value: str) -> str:
+    if value not in CHECKPOINT_POLICIES:
+        raise ValueError(f"eval_checkpoint must be one of {CHECKPOINT_POLICIES}, got {value!r}")
+    return value
 
 
 def _choices(cfg: DictConfig) -> dict[str, str]:

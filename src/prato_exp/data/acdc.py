@@ -20,7 +20,15 @@ import h5py
 import nibabel as nib
 import numpy as np
 
-from prato_exp.data.base import Case, DataContentError, DataLayoutError, SegSource, SliceRef, require_dir
+from prato_exp.data.base import (
+    Case,
+    DataContentError,
+    DataLayoutError,
+    SegSource,
+    SliceRef,
+    check_finite,
+    require_dir,
+)
 
 NUM_CLASSES = 4
 H5_LAYOUT = (
@@ -64,6 +72,7 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataContentError(f"{path}: unreadable h5 file or no 'image'/'label' datasets ({err}).") from err
     if image.shape != label.shape:
         raise DataContentError(f"{path}: image shape {image.shape} differs from label shape {label.shape}.")
+    check_finite(image, str(path))
     if image.size and (image.min() < -1e-3 or image.max() > 1 + 1e-3):
         raise DataContentError(
             f"{path}: image intensities span [{image.min():.3g}, {image.max():.3g}], expected [0, 1] "
@@ -203,7 +212,7 @@ class ACDCSource(SegSource):
                 raise DataContentError(f"{path}: expected a (D, H, W) volume, got shape {image.shape}.")
             return image, label.astype(np.uint8)
         image_path, gt_path = self._volume_files[case_id]
-        image = self._read_nifti(image_path).astype(np.float32)
+        image = check_finite(self._read_nifti(image_path).astype(np.float32), str(image_path))
         label = _check_labels(self._read_nifti(gt_path), gt_path)
         if image.shape != label.shape:
             raise DataContentError(

@@ -90,6 +90,24 @@ class SegSource(ABC):
         return f"{self.name}: {sizes}"
 
 
+def check_finite(image: np.ndarray, where: str) -> np.ndarray:
+    """Return ``image`` unchanged, or raise a DataContentError naming ``where`` and the first bad slice.
+
+    ``image`` is ``(H, W)``, ``(C, H, W)``, ``(D, H, W)`` or ``(C, D, H, W)``; for 3-D and 4-D arrays the
+    axis before ``(H, W)`` is taken as the slice axis. NaN or inf in an image would otherwise make every
+    loss NaN from the first step and every metric 0, silently.
+    """
+    finite = np.isfinite(image)
+    if finite.all():
+        return image
+    bad = int((~finite).sum())
+    detail = f"{bad} NaN/inf value(s)"
+    if image.ndim >= 3:
+        per_slice = (~finite).reshape(-1, *image.shape[-3:]).any(axis=(0, 2, 3))
+        detail += f", first in slice {int(np.flatnonzero(per_slice)[0])}"
+    raise DataContentError(f"{where}: image has {detail}; fix or remove the file.")
+
+
 def require_dir(root: str | Path, expected: str) -> Path:
     """Return ``root`` as a Path, or raise a DataLayoutError saying which layout was expected there."""
     path = Path(root).expanduser()

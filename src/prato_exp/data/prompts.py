@@ -188,20 +188,45 @@ def _image_name(image_ids: Sequence[str] | None, i: int) -> str:
     return f"image {image_ids[i]!r}" if image_ids is not None else f"image at batch index {i}"
 
 
-def sanitize_boxes(
-    box_xyxy: torch.Tensor, image_hw: tuple[int, int], image_ids: Sequence[str] | None = None
-) -> torch.Tensor:
-    """Clip ``(B, 4)`` boxes to the image and grow zero-width/height boxes to one pixel.
+NORMALISED_MIN_SIDE = 8
+"""Images with both sides at least this many pixels refuse boxes whose coordinates all lie in [0, 1]."""
 
-    Raises ValueError, naming the image and the box, for a non-finite box, a box with ``x1 < x0`` or
-    ``y1 < y0``, or a box with no overlap with ``[0, W) x [0, H)``. A zero-width side counts as inside
-    when it lies on ``[0, W]`` (its edges included); it is grown to a one-pixel side centred on it and
-    shifted to stay inside the image. Returns a new tensor of the input's dtype and device.
+
+class BoxError(ValueError):
+    """A box prompt that cannot be used: the message names the image and the box."""
+
+
+def sanitize_boxes(
+    box_xyxy: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
+    image_hw: tuple[int, int],
+    image_ids: Sequence[str] | None = None,
+    *,
+    check_normalised: bool = True,
+) -> torch.Tensor:
+    """Validate ``(B, 4)`` pixel boxes ``(x0, y0, x1, y1)``: clip to the image, grow zero sides to 1 px.
+
+    The one box validation of every path that takes a box (datamodule, evaluation, benchmark, the
+    predict API and CLI). Raises :class:`BoxError` (a ValueError), naming the image and the box, for
+
+    - a non-finite coordinate (NaN or inf);
+    - an inverted box, ``x1 < x0`` or ``y1 < y0``;
+    - a box with no overlap with ``[0, W) x [0, H)``;
+    - with ``check_normalised``, a box of positive area whose coordinates all lie in ``[0, 1]`` on an
+      image of at least :data:`NORMALISED_MIN_SIDE` pixels each way: it looks like 0-1 normalised
+      coordinates. Boxes derived from a pixel mask (the oracle prompts) pass ``check_normalised=False``.
+
+    A zero-width side counts as inside when it lies on ``[0, W]`` (its edges included); it is grown to a
+    one-pixel side centred on it and shifted to stay inside the image. Returns a new tensor of the
+    input's dtype and device (float32 for non-tensor input).
     """
+    if not isinstance(box_xyxy, torch.Tensor):
+        box_xyxy = torch.as_tensor(np.asarray(box_xyxy, dtype=np.float32))
     if box_xyxy.ndim != 2 or box_xyxy.shape[-1] != 4:
-        raise ValueError(f"box_xyxy must have shape (B, 4), got {tuple(box_xyxy.shape)}")
+        raise BoxError(f"box_xyxy must have shape (B, 4) as (x0, y0, x1, y1), got {tuple(box_xyxy.shape)}")
+    if not box_xyxy.is_floating_point():
+        box_xyxy = box_xyxy.float()
     if image_ids is not None and len(image_ids) != box_xyxy.shape[0]:
-        raise ValueError(f"got {len(image_ids)} image ids for {box_xyxy.shape[0]} boxes")
+        raise BoxError(f"got {len(image_ids)} image ids for {box_xyxy.shape[0]} boxes")
     h, w = (float(v) for v in image_hw)
     if h < 1 or w < 1:
         raise ValueError(f"image_hw must be at least one pixel each way, got {tuple(image_hw)}")
@@ -213,18 +238,26 @@ def sanitize_boxes(
         return int(idx[0]) if idx.numel() else None
 
     if (i := first_bad(~torch.isfinite(boxes).all(-1))) is not None:
-        raise ValueError(f"box {_box_str(boxes[i])} of {_image_name(image_ids, i)} is not finite")
+        raise BoxError(f"box {_box_str(boxes[i])} of {_image_name(image_ids, i)} is not finite")
     if (i := first_bad((x1 < x0) | (y1 < y0))) is not None:
-        raise ValueError(
+        raise BoxError(
             f"box {_box_str(boxes[i])} of {_image_name(image_ids, i)} has x1 < x0 or y1 < y0 "
             "(expected (x0, y0, x1, y1))"
         )
     out_x = torch.where(x1 > x0, (x1 <= 0) | (x0 >= w), (x0 < 0) | (x0 > w))
     out_y = torch.where(y1 > y0, (y1 <= 0) | (y0 >= h), (y0 < 0) | (y0 > h))
     if (i := first_bad(out_x | out_y)) is not None:
-        raise ValueError(
+        raise BoxError(
             f"box {_box_str(boxes[i])} of {_image_name(image_ids, i)} lies wholly outside the image "
             f"(H={int(h)}, W={int(w)})"
+        )
+    in_unit = ((boxes >= 0) & (boxes <= 1)).all(-1) & (x1 > x0) & (y1 > y0)
+    looks_normalised = in_unit & (min(h, w) >= NORMALISED_MIN_SIDE)
+    if check_normalised and (i := first_bad(looks_normalised)) is not None:
+        raise BoxError(
+            f"box {_box_str(boxes[i])} of {_image_name(image_ids, i)} looks like 0-1 normalised "
+            f"coordinates on an image of H={int(h)}, W={int(w)} pixels; boxes are pixel edges "
+            "(x0, y0, x1, y1): multiply by (W, H, W, H)"
         )
     clipped = [_clip_and_grow(b, (int(h), int(w))) for b in boxes.cpu().numpy()]
     result = torch.from_numpy(np.stack(clipped)) if clipped else boxes.new_zeros((0, 4))

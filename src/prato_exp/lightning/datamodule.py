@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from prato_exp.data.base import SegSource, SliceRef
-from prato_exp.data.prompts import BoxPrompter
+from prato_exp.data.base import SegSource, SliceRef, check_finite
+from prato_exp.data.prompts import BoxPrompter, sanitize_boxes
 from prato_exp.data.transforms import JointAugment, resize_pair
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 
 def _prompt_fields(prompter: BoxPrompter, label: Tensor, image_id: str, slice_index: int, rng) -> dict:
     box, is_empty = prompter(label.numpy(), image_id, slice_index, train_rng=rng)
+    box = sanitize_boxes(
+        box[None], tuple(label.shape[-2:]), [f"{image_id} slice {slice_index}"], check_normalised=False
+    )[0]
     return {
-        "box_xyxy": torch.as_tensor(box, dtype=torch.float32),
+        "box_xyxy": box,
         "empty_prompt": torch.tensor(bool(is_empty)),
         "prune_enabled": torch.tensor(not (is_empty and prompter.skip_pruning_on_empty)),
     }
@@ -47,15 +51,43 @@ class TrainSlices(Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """One augmented slice; ``item`` is an index, or ``(index, seed)`` from :class:`EpochSampler`
+        (the augmentation and box jitter then depend on that seed alone)."""
+        index, seed = item if isinstance(item, tuple) else (item, int(torch.randint(0, 2**31 - 1, ())))
         ref = self.refs[index]
-        image, label = resize_pair(*self.source.load_slice(ref), self.input_size)
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        image, label = self.source.load_slice(ref)
+        check_finite(image, f"{self.source.name} case {ref.case_id} slice {ref.slice_index}")
+        image, label = resize_pair(image, label, self.input_size)
         image, label = self.augment(image, label, seed)
         rng = np.random.default_rng(seed)
         sample = {"image": image, "label": label, "case_id": ref.case_id, "slice_index": ref.slice_index}
         sample.update(_prompt_fields(self.prompter, label, ref.case_id, ref.slice_index, rng))
         return sample
+
+
+class EpochSampler(Sampler):
+    """Training order and per-sample augmentation seeds as a pure function of ``(seed, epoch)``.
+
+    Yields ``(index, sample_seed)``: a permutation of ``range(num_items)`` and one seed per position,
+    drawn when iteration starts for the epoch that ``epoch_fn`` reports (the trainer's current epoch).
+    So a run resumed from a checkpoint sees exactly the order and augmentations of the unbroken run,
+    whatever consumed the global random streams before, with or without loader workers.
+    """
+
+    def __init__(self, num_items: int, seed: int, epoch_fn: Callable[[], int]) -> None:
+        self.num_items = num_items
+        self.seed = int(seed)
+        self.epoch_fn = epoch_fn
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, int(self.epoch_fn())])
+        order = rng.permutation(self.num_items)
+        seeds = rng.integers(0, 2**31 - 1, size=self.num_items)
+        yield from zip(order.tolist(), seeds.tolist(), strict=True)
 
 
 class EvalSlices(Dataset):
@@ -66,6 +98,8 @@ class EvalSlices(Dataset):
         self.input_size = input_size
         self.prompter = prompter
         self.cases = {case_id: source.load_case(case_id) for case_id in case_ids}
+        for case_id, case in self.cases.items():
+            check_finite(case.image, f"{source.name} case {case_id}")
         self.index = [(cid, z) for cid, case in self.cases.items() for z in range(case.num_slices)]
 
     def __len__(self) -> int:
@@ -109,6 +143,7 @@ class SegDataModule(pl.LightningDataModule):
         input_size: square network input side in pixels.
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
         num_workers: loader worker processes (0 loads in the main process).
+        seed: the run seed; training order and augmentation follow ``(seed, epoch)``.
     """
 
     def __init__(
@@ -121,6 +156,7 @@ class SegDataModule(pl.LightningDataModule):
         eval_batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.source = source
@@ -131,6 +167,7 @@ class SegDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
         self._splits = source.split_ids()
         self._eval: dict[str, EvalSlices] = {}
         self.train_set: TrainSlices | None = None
@@ -167,11 +204,17 @@ class SegDataModule(pl.LightningDataModule):
         path.write_text(json.dumps(self._splits, indent=1))
         return path
 
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(dataset), self.seed, self._current_epoch) if shuffle else None,
+            # its own stream for the loader's base seed, so creating an iterator leaves the global one alone
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,

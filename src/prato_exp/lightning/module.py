@@ -8,6 +8,7 @@ pruner returns), the optimiser, and the evaluation at original resolution.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prato_exp.metrics.segmentation import SegmentationMeter, foreground_token_recall
+from prato_exp.metrics.segmentation import foreground_token_recall
+from prato_exp.metrics.synced import CaseSegmentationMetric, ImageMeanMetric
 from prato_exp.models.base import SegOutput
 from prato_exp.pruning.base import TokenPruner
 
@@ -53,13 +55,14 @@ class SegmentationModule(pl.LightningModule):
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names) + 1
         self.run_config = run_config or {}
-        self.meters = {split: self._new_meter() for split in ("val", "test")}
+        # torchmetrics Metrics (submodules, so Lightning moves them): under DDP each process scores its
+        # shard and compute() gathers every process's rows, so every slice counts once, globally.
+        self.seg_metrics = nn.ModuleDict(
+            {split: CaseSegmentationMetric(self.num_classes, self.class_names) for split in ("val", "test")}
+        )
+        self.token_metrics = nn.ModuleDict({split: ImageMeanMetric() for split in ("val", "test")})
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.last_per_case: dict[str, list[dict[str, Any]]] = {}
-        self._token_stats: dict[str, list[Tensor]] = {}
-
-    def _new_meter(self) -> SegmentationMeter:
-        return SegmentationMeter(num_classes=self.num_classes, class_names=self.class_names)
 
     def forward(self, image: Tensor, box_xyxy: Tensor, prune_enabled: Tensor | None = None) -> SegOutput:
         return self.net(image, box_xyxy, prune_enabled)
@@ -116,32 +119,30 @@ class SegmentationModule(pl.LightningModule):
         total, out, _ = self.model_step(batch)
         bs = batch["image"].shape[0]
         self.log(f"{split}/loss", total, batch_size=bs, sync_dist=True)
-        meter = self.meters[split]
-        for i, target in enumerate(batch["label_orig"]):
-            logits = F.interpolate(out.logits[i : i + 1].float(), size=target.shape, mode="bilinear")
-            meter.update(
-                batch["case_id"][i],
-                batch["slice_index"][i],
-                logits.argmax(1)[0].cpu(),
-                target.cpu(),
-                batch["spacing_hw"][i],
-            )
+        preds = [
+            F.interpolate(out.logits[i : i + 1].float(), size=target.shape, mode="bilinear").argmax(1)[0]
+            for i, target in enumerate(batch["label_orig"])
+        ]
+        self.seg_metrics[split].update(
+            batch["case_id"], batch["slice_index"], preds, batch["label_orig"], batch["spacing_hw"]
+        )
         self._collect_token_stats(out, batch, split)
 
     def _collect_token_stats(self, out: SegOutput, batch: dict[str, Any], split: str) -> None:
+        """Record per-image token statistics ``(B,)`` (sparsity overall and per point, foreground token
+        recall) keyed by ``(case_id, slice_index)``; averaged over all images at the epoch's end."""
         trace = out.trace
         sparsity = trace.sparsity()
         if sparsity is None:
             return
-        stats = self._token_stats
-        stats.setdefault(f"{split}/sparsity", []).append(sparsity.detach().cpu())
+        ids, slices = batch["case_id"], batch["slice_index"]
+        meter = self.token_metrics[split]
+        meter.update("sparsity", ids, slices, sparsity)
         for point, keep in enumerate(trace.keep_grids):
-            pruned = 1.0 - keep.float().mean(dim=1)
-            stats.setdefault(f"{split}/sparsity_point{point}", []).append(pruned.detach().cpu())
+            meter.update(f"sparsity_point{point}", ids, slices, 1.0 - keep.float().mean(dim=1))
         h, w = trace.grid_hw
         keep_grid = trace.keep_grids[-1].view(-1, h, w)
-        recall = foreground_token_recall(keep_grid.cpu(), batch["label"].cpu())
-        stats.setdefault(f"{split}/fg_token_recall", []).append(recall)
+        meter.update("fg_token_recall", ids, slices, foreground_token_recall(keep_grid, batch["label"]))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -150,12 +151,20 @@ class SegmentationModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _end_eval_epoch(self, split: str) -> None:
-        meter = self.meters[split]
+        """Reduce the epoch's slices of every process once; log and keep the global figures.
+
+        Every rank gathers all rows and computes the same global values (no mean of per-process means).
+        ``sync_dist=True`` then only averages identical numbers: it keeps every rank's ``callback_metrics``
+        equal and Lightning from warning about unsynced epoch-level logs.
+        """
+        meter = self.seg_metrics[split].compute()
         metrics = {f"{split}/{k}": float(v) for k, v in meter.compute().items()}
-        for key, values in self._token_stats.items():
-            if key.startswith(f"{split}/"):
-                metrics[key] = float(torch.nanmean(torch.cat(values)))
-        self._token_stats = {k: v for k, v in self._token_stats.items() if not k.startswith(f"{split}/")}
+        with warnings.catch_warnings():  # an unpruned model records no token statistics: that is expected
+            warnings.filterwarnings("ignore", message=r".*compute.* was called before the ..update")
+            token_stats = self.token_metrics[split].compute()  # on every rank: it is a collective
+        metrics.update({f"{split}/{k}": v for k, v in token_stats.items()})
+        self.seg_metrics[split].reset()
+        self.token_metrics[split].reset()
         loggable = {k: v for k, v in metrics.items() if "/counts/" not in k}
         self.log_dict(loggable, sync_dist=True)
         self.last_metrics[split] = metrics
@@ -169,7 +178,6 @@ class SegmentationModule(pl.LightningModule):
             f"{metrics[f'{split}/sparsity']:.3f}" if f"{split}/sparsity" in metrics else "-",
         )
         self.last_per_case[split] = meter.per_case()
-        self.meters[split] = self._new_meter()
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")

@@ -22,6 +22,9 @@ class ReferenceBasicUNet(nn.Module):
         pruner: refused unless None: a CNN has no tokens to prune.
     """
 
+    display_name = "BasicUNet"
+    """The backbone's name in tables and figures."""
+
     def __init__(
         self,
         in_channels: int,

@@ -236,7 +236,12 @@ class PrunableSegFormer(nn.Module):
             every later one run on kept tokens.
         pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None means no pruning.
         pretrained: optional local path of a ``SegformerForSemanticSegmentation`` state dict.
+        pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
+            ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
     """
+
+    display_name = "SegFormer"
+    """The backbone's name in tables and figures."""
 
     def __init__(
         self,
@@ -257,6 +262,7 @@ class PrunableSegFormer(nn.Module):
         prune_at_stage: int = 2,
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
+        pretrained_ignore: Sequence[str] = (),
     ) -> None:
         super().__init__()
         per_stage = {
@@ -306,7 +312,7 @@ class PrunableSegFormer(nn.Module):
             )
         self.pruners = nn.ModuleDict({str(prune_at_stage): point})
         if pretrained:
-            load_pretrained(self.segformer, pretrained)
+            load_pretrained(self.segformer, pretrained, ignore=pretrained_ignore)
 
     @property
     def stages(self) -> nn.ModuleList:

@@ -186,7 +186,12 @@ class PrunableSwinUNETR(nn.Module):
             ``PatchMerging``), so stages ``stage + 1 .. 4`` run on kept tokens; 1, 2 or 3.
         pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None: no pruning.
         pretrained: optional local path of a state dict for MONAI's ``SwinUNETR`` (never downloaded).
+        pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
+            ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
     """
+
+    display_name = "Swin UNETR"
+    """The backbone's name in tables and figures."""
 
     def __init__(
         self,
@@ -207,6 +212,7 @@ class PrunableSwinUNETR(nn.Module):
         prune_after_stage: int = 1,
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
+        pretrained_ignore: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if img_size % 32:
@@ -250,7 +256,7 @@ class PrunableSwinUNETR(nn.Module):
         self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim)})
         refuse_plain_vit_only(self.pruners[str(prune_after_stage)], "Swin UNETR")
         if pretrained:
-            load_pretrained(self.swin_unetr, pretrained)
+            load_pretrained(self.swin_unetr, pretrained, ignore=pretrained_ignore)
 
     def stages(self) -> list[BasicLayer]:
         """MONAI's four Swin stages, ``swinViT.layers1[0]`` .. ``layers4[0]``."""

@@ -135,7 +135,12 @@ class PrunableTransUNet(nn.Module):
             pruning point. None means no pruning.
         pretrained: optional local path of a state dict for the timm encoder ``encoder`` (keys as in
             timm's hybrid ViT, without class token; never downloaded).
+        pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
+            ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
     """
+
+    display_name = "TransUNet"
+    """The backbone's name in tables and figures."""
 
     def __init__(
         self,
@@ -157,6 +162,7 @@ class PrunableTransUNet(nn.Module):
         prune_after: Sequence[int] = (3,),
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
+        pretrained_ignore: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if img_size % 16:
@@ -219,7 +225,7 @@ class PrunableTransUNet(nn.Module):
             depth=len(self.encoder.blocks),
         )
         if pretrained:
-            load_pretrained(self.encoder, pretrained)
+            load_pretrained(self.encoder, pretrained, ignore=pretrained_ignore)
 
     def forward(
         self, image: Tensor, box_xyxy: Tensor | None = None, prune_enabled: Tensor | None = None

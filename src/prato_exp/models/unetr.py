@@ -35,7 +35,12 @@ class PrunableUNETR(nn.Module):
         pruner: a factory ``pruner(dim=..., context=...) -> TokenPruner`` (Hydra ``_partial_``); one
             pruner instance is built per pruning point. None means no pruning.
         pretrained: optional local path of a state dict (never downloaded).
+        pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
+            ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
     """
+
+    display_name = "UNETR"
+    """The backbone's name in tables and figures."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class PrunableUNETR(nn.Module):
         prune_after: Sequence[int] = (3,),
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
+        pretrained_ignore: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if img_size % 16:
@@ -84,7 +90,7 @@ class PrunableUNETR(nn.Module):
             pruner, self.prune_after, hidden_size, num_classes=out_channels, grid_hw=self.grid_hw, depth=depth
         )
         if pretrained:
-            load_pretrained(self.unetr, pretrained)
+            load_pretrained(self.unetr, pretrained, ignore=pretrained_ignore)
 
     def forward(
         self, image: Tensor, box_xyxy: Tensor | None = None, prune_enabled: Tensor | None = None

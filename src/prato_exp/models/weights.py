@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,15 +18,17 @@ StateDict = dict[str, Tensor]
 def load_pretrained(
     module: nn.Module,
     path: str | Path,
-    strict: bool = False,
+    ignore: Sequence[str] = (),
     adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
 ) -> None:
-    """Load a state dict saved at ``path`` into ``module`` (``weights_only=True``).
+    """Load a state dict saved at ``path`` into ``module`` (``weights_only=True``), strictly.
 
     Accepts a bare state dict or a Lightning/other checkpoint holding one under ``state_dict``.
     ``adapt`` may rename keys or resample tensors first (e.g. a ViT's position embedding to another
-    grid). Without ``strict``, keys missing from the file, unknown to the module, or of another shape
-    (e.g. a head for another class count) are skipped and listed in the log; with it they are an error.
+    grid). Every tensor must match: a key missing from the file, unknown to the module or of another
+    shape is a ValueError listing them all, unless it matches one of the ``ignore`` glob patterns
+    (e.g. ``["out.*"]`` for a head of another class count), which the user names for a partial load;
+    ignored keys keep their fresh initialisation and are logged.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -36,21 +39,30 @@ def load_pretrained(
     if adapt is not None:
         state = adapt(state, module)
     own = module.state_dict()
+
+    def ignored(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore)
+
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if mismatched and strict:
-        raise ValueError(f"pretrained {path}: {len(mismatched)} tensors differ in shape: {mismatched[:3]}")
-    state = {k: v for k, v in state.items() if k not in mismatched}
-    missing, unexpected = module.load_state_dict(state, strict=strict)
-    if missing or unexpected or mismatched:
-        log.warning(
-            "pretrained %s: %d missing (e.g. %s), %d unexpected (e.g. %s), %d of another shape (e.g. %s)",
-            path,
-            len(missing),
-            missing[:3],
-            len(unexpected),
-            unexpected[:3],
-            len(mismatched),
-            mismatched[:3],
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = {
+        "missing from the file": [k for k in missing if not ignored(k)],
+        "unknown to the model": [k for k in unexpected if not ignored(k)],
+        "of another shape": [
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched if not ignored(k)
+        ],
+    }
+    if any(problems.values()):
+        listing = "; ".join(f"{len(v)} {what}: {v}" for what, v in problems.items() if v)
+        raise ValueError(
+            f"pretrained weights {path} do not fit {type(module).__name__}: {listing}. For a partial load, "
+            "name the keys that may differ with the model's `pretrained_ignore` glob patterns "
+            "(e.g. model.pretrained_ignore=['out.*'])"
         )
-    if not set(own) - set(missing):
+    skipped = [k for k in (*missing, *unexpected, *mismatched) if ignored(k)]
+    if len(skipped) == len(own) + len(unexpected):
         raise ValueError(f"no parameter of {type(module).__name__} matched the weights in {path}")
+    module.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    if skipped:
+        log.warning("pretrained %s: %d keys ignored as asked (e.g. %s)", path, len(skipped), skipped[:3])

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -109,16 +109,19 @@ class TokenPruner(nn.Module):
     """
 
     needs_attention: bool = False
+    rescorable: ClassVar[frozenset[str]] = frozenset()
+    """Constructor keys that ``eval.py`` may change on a trained checkpoint: those no learned part of the
+    pruner depends on (PrATo's ``q``: its projections never see it). Any other change is refused."""
     plain_vit_only: bool = False
     """True for pruners that need the plain-ViT hooks (state, attention, block runner, early exits,
     assembly) that only UNETR and TransUNet provide; hierarchical backbones refuse them."""
 
     def __init__(self, mode: PruneMode = "drop", fill: FillMode = "zero") -> None:
         super().__init__()
-        if mode not in ("drop", "mask", "zero_once"):
-            raise ValueError(f"mode must be 'drop', 'mask' or 'zero_once', got {mode!r}")
-        if fill not in ("zero", "carry"):
-            raise ValueError(f"fill must be 'zero' or 'carry', got {fill!r}")
+        if mode not in get_args(PruneMode):
+            raise ValueError(f"pruning.mode must be one of {get_args(PruneMode)}, got {mode!r}")
+        if fill not in get_args(FillMode):
+            raise ValueError(f"pruning.fill must be one of {get_args(FillMode)}, got {fill!r}")
         self.mode: PruneMode = mode
         self.fill: FillMode = fill
 

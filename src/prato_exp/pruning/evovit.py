@@ -65,6 +65,8 @@ class EvoViTPruner(TokenPruner):
         context: the backbone's pruning context (point index for the cumulative count).
     """
 
+    rescorable = frozenset({"q"})
+
     needs_attention = True
     plain_vit_only = True
 

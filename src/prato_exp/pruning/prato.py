@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,9 @@ def roialign_queries(grid: Tensor, box_xyxy: Tensor, image_hw: tuple[int, int], 
     scale_x = w / img_w
     y_factor = (h / img_h) / scale_x
     box = box_xyxy.to(device=grid.device, dtype=torch.float32)
+    if not bool(torch.isfinite(box).all()):
+        # roi_align reads out of bounds on NaN coordinates and can kill the process
+        raise ValueError(f"box prompts must be finite, got {box_xyxy.tolist()}; validate with sanitize_boxes")
     box = box * box.new_tensor([1.0, y_factor, 1.0, y_factor])
     batch_index = torch.arange(b, device=grid.device, dtype=torch.float32).unsqueeze(1)
     rois = torch.cat([batch_index, box], dim=1)
@@ -347,8 +350,8 @@ class PrATo(TokenPruner):
         d_v: projection width of ``f1`` and ``f2``.
         threshold: ``"percentile"`` (prune ``q`` % of the valid tokens per image) or ``"fixed"``
             (keep ``s > tau``).
-        q: percentile to prune, in ``(0, 100)``; used in percentile mode.
-        tau: threshold in ``(0, 1)``; required in fixed mode.
+        q: percentile to prune, in ``(0, 100)``; percentile mode only (None there means 25).
+        tau: threshold in ``(0, 1)``; fixed mode only, where it is required.
         entropy: False for the "w/o entropy" ablation (``Omega = 1``).
         query: ``"roialign"`` or ``"naive"`` (tokens with centres in the box).
         mode: how the backbone executes the keep mask (see :mod:`prato_exp.pruning.base`).
@@ -359,13 +362,15 @@ class PrATo(TokenPruner):
         context: what the backbone tells its pruners (unused: PrATo needs only ``dim``).
     """
 
+    rescorable = frozenset({"threshold", "q", "tau", "k", "min_keep", "mode"})
+
     def __init__(
         self,
         dim: int,
         k: int = 5,
         d_v: int = 64,
         threshold: ThresholdMode = "percentile",
-        q: float = 25,
+        q: float | None = None,
         tau: float | None = None,
         entropy: bool = True,
         query: QueryMode = "roialign",
@@ -378,18 +383,34 @@ class PrATo(TokenPruner):
     ) -> None:
         if dim < 1 or k < 1 or d_v < 1:
             raise ValueError(f"dim, k and d_v must be positive, got dim={dim}, k={k}, d_v={d_v}")
-        if threshold not in ("percentile", "fixed"):
-            raise ValueError(f"threshold must be 'percentile' or 'fixed', got {threshold!r}")
-        if threshold == "percentile" and not 0 < q < 100:
-            raise ValueError(f"percentile q must lie in (0, 100), got {q!r}")
-        if threshold == "fixed" and (tau is None or not 0 < tau < 1):
-            raise ValueError(f"fixed threshold needs tau in (0, 1), got {tau!r}")
-        if query not in ("roialign", "naive"):
-            raise ValueError(f"query must be 'roialign' or 'naive', got {query!r}")
+        if threshold not in get_args(ThresholdMode):
+            raise ValueError(f"pruning.threshold must be one of {get_args(ThresholdMode)}, got {threshold!r}")
+        if threshold == "percentile":
+            q = 25 if q is None else q
+            if not 0 < q < 100:
+                raise ValueError(f"pruning.q (percentile) must lie in (0, 100), got {q!r}")
+            if tau is not None:
+                raise ValueError(
+                    f"pruning.tau={tau!r} is not used with threshold=percentile (it keeps q % of the "
+                    "tokens); remove it, or choose a fixed threshold (threshold=fixed0.3)"
+                )
+        else:
+            if tau is None or not 0 < tau < 1:
+                raise ValueError(f"pruning.tau (fixed threshold) must lie in (0, 1), got {tau!r}")
+            if q is not None:
+                raise ValueError(
+                    f"pruning.q={q!r} is not used with threshold=fixed (it keeps tokens with s > tau); "
+                    "set pruning.q=null, or choose a percentile threshold (threshold=percentile25)"
+                )
+        if query not in get_args(QueryMode):
+            raise ValueError(f"pruning.query must be one of {get_args(QueryMode)}, got {query!r}")
         if soft and mode != "zero_once":
-            raise ValueError(f"soft=True requires mode='zero_once', got mode={mode!r}")
-        if min_keep < 0:
-            raise ValueError(f"min_keep must be >= 0, got {min_keep}")
+            raise ValueError(f"pruning.soft=true requires pruning.mode=zero_once, got mode={mode!r}")
+        if min_keep < 1:
+            raise ValueError(
+                f"pruning.min_keep must be >= 1 (an image keeping no token has no attention key), "
+                f"got {min_keep}"
+            )
         super().__init__(mode=mode, fill=fill)
         self.dim = dim
         self.k = k

@@ -32,6 +32,8 @@ class RandomPruner(TokenPruner):
         context: the backbone's pruning context (for the point index).
     """
 
+    rescorable = frozenset({"q", "seed", "mode"})
+
     def __init__(
         self,
         dim: int | None = None,

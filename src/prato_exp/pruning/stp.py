@@ -131,6 +131,8 @@ class STPPruner(TokenPruner):
         context: PrunerContext | None = None,
     ) -> None:
         check_percentile_budget("stp", threshold, q, tau)
+        if min_keep < 1:
+            raise ValueError(f"pruning.min_keep must be >= 1, got {min_keep}")
         if perturbation not in ("gumbel", "none"):
             raise ValueError(f"perturbation must be 'gumbel' or 'none', got {perturbation!r}")
         if assembly and (fill != "carry" or context is None):

@@ -52,6 +52,8 @@ class TRAMPruner(TokenPruner):
         context: the backbone's pruning context (``depth`` weighs the layers).
     """
 
+    rescorable = frozenset({"q", "mode"})
+
     needs_attention = True
     plain_vit_only = True
 

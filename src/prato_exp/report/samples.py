@@ -1,0 +1,185 @@
+"""Figure samples: the same few slices of an evaluation split, run through one network, saved as ``.npz``.
+
+``train.py`` and ``eval.py`` call :func:`save_report_samples` at the end of a run; ``prato-report`` draws
+the paper's qualitative figures (Figs. 3, 4, 6, 7, 8, 9) from these files across the runs of a table.
+The slices depend only on the split's cases and labels, never on the network, so every run of the same
+dataset and split stores the same slices and the figures can put methods side by side.
+
+The file holds, for ``N`` samples on a token grid ``h x w`` with ``P`` pruning points:
+
+========================  =================  ===============================================================
+key                       shape, dtype       what
+========================  =================  ===============================================================
+``case_ids``              ``(N,)`` str       case of each sample
+``slice_indices``         ``(N,)`` int64     slice within the case
+``image``                 ``(N,C,H,W)`` f16  network input
+``label``                 ``(N,H,W)`` uint8  ground truth at input size
+``pred``                  ``(N,H,W)`` uint8  argmax prediction at input size
+``box_xyxy``              ``(N,4)`` f32      box prompt the network saw (input pixels)
+``prune_enabled``         ``(N,)`` bool      False where the empty-slice fallback switched pruning off
+``grid_hw``               ``(2,)`` int64     ``(h, w)``; ``(0, 0)`` when nothing was pruned
+``keep_grid``             ``(N,P,h,w)`` bool grid places alive after each pruning point (``P = 0``: none)
+``scores``                ``(N,P,h,w)`` f16  each point's score per grid place, NaN where not alive there
+``weights``               ``(N,M)`` f16      PrATo's inverse-entropy weights at the first point (if any)
+``class_names``           ``(K-1,)`` str     foreground class names (when the dataset names them)
+========================  =================  ===============================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+SAMPLES_FILENAME = "report_samples.npz"
+"""Name of the samples file inside a run folder (what ``prato-report`` looks for)."""
+
+
+def pick_report_slices(eval_set: Dataset, count: int) -> list[int]:
+    """Dataset indices of ``count`` slices chosen from the cases alone, the same in every run.
+
+    The cases are sorted by id and ``count`` of them are taken evenly spread over that order (all of them
+    when there are fewer); from each, the slice with the most foreground pixels (the lowest slice index
+    on ties; slice 0 of a case with no foreground). Uses ``eval_set.cases`` and ``eval_set.index`` (an
+    :class:`~prato_exp.lightning.datamodule.EvalSlices`) when present, else reads every sample's
+    ``case_id``, ``slice_index`` and ``label``.
+    """
+    if count <= 0 or len(eval_set) == 0:
+        return []
+    if hasattr(eval_set, "cases") and hasattr(eval_set, "index"):
+        position = {key: i for i, key in enumerate(eval_set.index)}
+        foreground = {
+            cid: (np.asarray(case.label) > 0).reshape(case.num_slices, -1).sum(axis=1)
+            for cid, case in eval_set.cases.items()
+        }
+    else:
+        position, per_case = {}, {}
+        for i in range(len(eval_set)):
+            sample = eval_set[i]
+            key = (str(sample["case_id"]), int(sample["slice_index"]))
+            position[key] = i
+            per_case.setdefault(key[0], {})[key[1]] = int((sample["label"] > 0).sum())
+        foreground = {
+            cid: np.array([slices.get(z, -1) for z in range(max(slices) + 1)])
+            for cid, slices in per_case.items()
+        }
+    case_ids = sorted(foreground)
+    chosen = np.unique(np.linspace(0, len(case_ids) - 1, num=min(count, len(case_ids))).round().astype(int))
+    picks = []
+    for j in chosen:
+        cid = case_ids[int(j)]
+        z = int(np.argmax(foreground[cid]))  # first maximum: lowest slice index on ties
+        picks.append(position[(cid, z)])
+    return picks
+
+
+def _scores_on_grid(scores: Tensor, alive_before: Tensor | None, num_grid: int) -> np.ndarray:
+    """One image's scores at a pruning point on the ``(Z,)`` grid, NaN where no token was alive.
+
+    ``scores`` ``(N,)`` are per alive slot: ``N == Z`` when the point saw the full grid (the first point,
+    ``mask`` and ``zero_once`` modes); otherwise the slots are the places alive after the previous point,
+    in ascending grid order (``token_ops.gather_kept``), followed by padding.
+    """
+    values = scores.detach().float().cpu().numpy()
+    grid = np.full(num_grid, np.nan, dtype=np.float32)
+    if values.shape[0] == num_grid or alive_before is None:
+        grid[: min(num_grid, values.shape[0])] = values[:num_grid]
+        return grid
+    places = np.flatnonzero(alive_before.cpu().numpy())
+    grid[places] = values[: places.size]
+    return grid
+
+
+@torch.no_grad()
+def save_report_samples(net: nn.Module, eval_set: Dataset, path: Path, count: int = 4) -> Path:
+    """Run ``net`` (eval mode, batch 1) on the slices of :func:`pick_report_slices`; write one ``.npz``.
+
+    Args:
+        net: a prunable segmentation network (``forward(image, box_xyxy, prune_enabled) -> SegOutput``).
+        eval_set: an evaluation dataset whose items hold ``image``, ``label``, ``box_xyxy``,
+            ``prune_enabled``, ``case_id`` and ``slice_index``.
+        path: the ``.npz`` file to write, or a folder (then ``<path>/report_samples.npz``).
+        count: number of slices (one per case).
+
+    Returns:
+        The path written. Keys and shapes are listed in this module's docstring.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path / SAMPLES_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    indices = pick_report_slices(eval_set, count)
+    if not indices:
+        raise ValueError("the evaluation set is empty: no report samples to save")
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        for index in indices:
+            sample = eval_set[index]
+            out = net(
+                sample["image"][None].to(device),
+                sample["box_xyxy"][None].to(device),
+                sample["prune_enabled"][None].to(device),
+            )
+            trace = out.trace
+            h, w = trace.grid_hw if trace.keep_grids else (0, 0)
+            keep, scores = [], []
+            for point, (result, alive) in enumerate(zip(trace.results, trace.keep_grids, strict=False)):
+                before = trace.keep_grids[point - 1][0] if point else None
+                keep.append(alive[0].cpu().numpy().reshape(h, w))
+                scores.append(_scores_on_grid(result.scores[0], before, h * w).reshape(h, w))
+            weights = None
+            if trace.results and "weights" in trace.results[0].extras:
+                weights = trace.results[0].extras["weights"][0].detach().float().cpu().numpy()
+            rows.append(
+                {
+                    "case_id": str(sample["case_id"]),
+                    "slice_index": int(sample["slice_index"]),
+                    "image": sample["image"].float().cpu().numpy(),
+                    "label": sample["label"].cpu().numpy(),
+                    "pred": out.logits.argmax(1)[0].cpu().numpy(),
+                    "box": sample["box_xyxy"].float().cpu().numpy(),
+                    "prune_enabled": bool(sample["prune_enabled"]),
+                    "grid_hw": (h, w),
+                    "keep": np.stack(keep) if keep else np.zeros((0, h, w), bool),
+                    "scores": np.stack(scores) if scores else np.zeros((0, h, w), np.float32),
+                    "weights": weights,
+                }
+            )
+    finally:
+        net.train(was_training)
+
+    grid_hw = rows[0]["grid_hw"]
+    if any(r["grid_hw"] != grid_hw or r["keep"].shape != rows[0]["keep"].shape for r in rows):
+        raise ValueError("the samples have different token grids or pruning point counts; cannot stack them")
+    arrays: dict[str, np.ndarray] = {
+        "case_ids": np.array([r["case_id"] for r in rows]),
+        "slice_indices": np.array([r["slice_index"] for r in rows], dtype=np.int64),
+        "image": np.stack([r["image"] for r in rows]).astype(np.float16),
+        "label": np.stack([r["label"] for r in rows]).astype(np.uint8),
+        "pred": np.stack([r["pred"] for r in rows]).astype(np.uint8),
+        "box_xyxy": np.stack([r["box"] for r in rows]).astype(np.float32),
+        "prune_enabled": np.array([r["prune_enabled"] for r in rows], dtype=bool),
+        "grid_hw": np.array(grid_hw, dtype=np.int64),
+        "keep_grid": np.stack([r["keep"] for r in rows]).astype(bool),
+        "scores": np.stack([r["scores"] for r in rows]).astype(np.float16),
+    }
+    if all(r["weights"] is not None for r in rows) and len({r["weights"].shape for r in rows}) == 1:
+        arrays["weights"] = np.stack([r["weights"] for r in rows]).astype(np.float16)
+    class_names = getattr(getattr(eval_set, "source", None), "class_names", None)
+    if class_names:
+        arrays["class_names"] = np.array([str(c) for c in class_names])
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_report_samples(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a samples file (no pickled objects are read)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}

@@ -1,0 +1,525 @@
+"""The paper's tables from run records: grouping, mean ± std over seeds, paired tests, Markdown and CSV.
+
+Runs are grouped by ``(report.table, dataset)`` into one output table and by ``report.row`` into its rows;
+the seeds of a row are its replicates. Every cell is the mean ± sample standard deviation (``ddof=1``)
+over seeds of one run-level figure, with ``n`` and the paper's value beside it. Beside the cells, a
+two-sided Wilcoxon signed-rank test of the per-case mean DSC of a row against its reference row (cases
+paired by case id within a seed, seeds pooled) tells which differences are noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+import yaml
+from scipy.stats import wilcoxon
+
+from prato_exp.report.runs import RunRecord
+
+NOT_RECORDED = "n/a (not recorded)"
+DASH = "—"
+
+PAPER_DATASETS = ("acdc", "isic")
+"""Datasets whose paper values are printed; phantom runs are never compared with the paper's numbers."""
+
+DATASET_TITLES = {
+    "acdc": "ACDC",
+    "isic": "ISIC",
+    "synthetic_cardiac": "synthetic cardiac phantoms (smoke test, not ACDC)",
+    "synthetic_lesion": "synthetic lesion phantoms (smoke test, not ISIC)",
+}
+
+SPLIT_TITLES = {
+    "val": "validation (the runs' own validation split; no test figures)",
+    "test": "test",
+}
+
+CHECKPOINT_TITLES = {
+    "best": "the checkpoint best on validation mean DSC",
+    "best on validation": "the checkpoint best on validation mean DSC",
+    "final": "the final-epoch weights",
+    "final epoch": "the final-epoch weights",
+    "last": "the final-epoch weights",
+}
+
+SCALE_TITLES = {"cpu": "CPU presets (small models, short training)", "paper": "paper-size models"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One value column: ``key`` names the figure (see :func:`run_value`), ``digits`` its format."""
+
+    key: str
+    header: str
+    fmt: str = ".4f"
+    in_markdown: bool = True
+
+
+@cache
+def paper_tables() -> dict[str, Any]:
+    """``paper_values.yaml``: the paper's tables, rows and values."""
+    text = files("prato_exp.report").joinpath("paper_values.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def paper_table_key(table: str) -> str | None:
+    """``table4_pruners`` -> ``table4`` when ``paper_values.yaml`` has it, else None."""
+    match = re.match(r"table\d+", table)
+    return match.group(0) if match and match.group(0) in paper_tables() else None
+
+
+def paper_spec(table: str) -> dict[str, Any]:
+    key = paper_table_key(table)
+    return paper_tables()[key] if key else {"title": table, "rows": {}, "reference_row": None}
+
+
+def paper_value(table: str, row: str, dataset: str, column: str) -> float | None:
+    """The paper's value of one cell, or None where the paper gives none (or the data is not the paper's)."""
+    if dataset not in PAPER_DATASETS:
+        return None
+    entry = paper_spec(table)["rows"].get(row) or {}
+    values = {**(entry.get("all") or {}), **(entry.get(dataset) or {})}
+    value = values.get(column)
+    return None if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# values of one run
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _nanmean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in (_finite(x) for x in values) if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def hd95_3d(run: RunRecord) -> float | None:
+    """Mean over classes of the per-class mean over cases of the per-volume 3-D HD95, or None if absent.
+
+    Read from ``case/hd95_3d_mean`` when the run wrote it, else from the per-case ``hd95_3d/<class>``.
+    """
+    if _finite(run.metrics.get("case/hd95_3d_mean")) is not None:
+        return _finite(run.metrics["case/hd95_3d_mean"])
+    per_class = []
+    for name in run.class_names:
+        values = [row.get(f"hd95_3d/{name}") for row in run.per_case]
+        if any(v is not None for v in values):
+            per_class.append(_nanmean(values))
+    return _nanmean(per_class) if per_class else None
+
+
+def _pruned(run: RunRecord) -> bool:
+    return "unpruned" in run.efficiency or run.metrics.get("sparsity") is not None
+
+
+VALUE_GETTERS: dict[str, Callable[[RunRecord], Any]] = {
+    "dsc_mean": lambda r: r.metrics.get("case/dsc_mean"),
+    "iou_mean": lambda r: r.metrics.get("case/iou_mean"),
+    "hd95_mean": lambda r: r.metrics.get("case/hd95_mean"),
+    "hd95_3d_mean": hd95_3d,
+    "gflops": lambda r: r.efficiency.get("gflops_per_image"),
+    "sparsity": lambda r: r.metrics.get("sparsity") if _pruned(r) else (0.0 if r.efficiency else None),
+    "flop_ratio": lambda r: r.efficiency.get("flop_ratio"),
+    "part_flop_ratio": lambda r: r.efficiency.get("pruned_part_flop_ratio"),
+    "latency_ratio": lambda r: r.efficiency.get("latency_ratio"),
+    "latency_ms": lambda r: (r.efficiency.get("latency") or {}).get("median_ms"),
+    "fg_token_recall": lambda r: r.metrics.get("fg_token_recall"),
+    "slice_dsc_mean": lambda r: r.metrics.get("slice/dsc_mean"),
+    "slice_hd95_mean": lambda r: r.metrics.get("slice/hd95_mean"),
+}
+
+
+def run_value(run: RunRecord, key: str) -> float | None:
+    """One run-level figure of ``run`` (``dsc/<class>`` or a key of :data:`VALUE_GETTERS`), or None."""
+    if key.startswith("dsc/") or key.startswith("iou/") or key.startswith("hd95/"):
+        return _finite(run.metrics.get(f"case/{key}"))
+    return _finite(VALUE_GETTERS[key](run))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouping
+
+
+@dataclass
+class TableGroup:
+    """The runs of one output table: ``rows`` maps a row label to its runs (one per seed)."""
+
+    table: str
+    dataset: str
+    rows: dict[str, list[RunRecord]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}_{self.dataset}"
+
+    @property
+    def runs(self) -> list[RunRecord]:
+        return [r for runs in self.rows.values() for r in runs]
+
+
+def row_order(table: str, labels: Sequence[str]) -> list[str]:
+    """The rows of ``paper_values.yaml`` in its order, then the others alphabetically."""
+    known = [label for label in paper_spec(table)["rows"] if label in labels]
+    return known + sorted(set(labels) - set(known))
+
+
+def group_runs(records: Sequence[RunRecord]) -> list[TableGroup]:
+    """One :class:`TableGroup` per ``(table, dataset)``, sorted; a seed run twice in a row keeps the last
+    folder (in path order) and says so in the group's notes."""
+    buckets: dict[tuple[str, str], dict[str, list[RunRecord]]] = {}
+    for run in sorted(records, key=lambda r: str(r.path)):
+        buckets.setdefault((run.table, run.dataset), {}).setdefault(run.row, []).append(run)
+    groups = []
+    for (table, dataset), rows in sorted(buckets.items()):
+        notes: list[str] = []
+        ordered: dict[str, list[RunRecord]] = {}
+        for label in row_order(table, list(rows)):
+            by_seed: dict[int | None, RunRecord] = {}
+            for run in rows[label]:
+                if run.seed in by_seed:
+                    notes.append(
+                        f"row '{label}' seed {run.seed}: two runs; used {run.path}, left out "
+                        f"{by_seed[run.seed].path}"
+                    )
+                by_seed[run.seed] = run
+            ordered[label] = sorted(by_seed.values(), key=lambda r: (r.seed is None, r.seed or 0))
+        groups.append(TableGroup(table, dataset, ordered, notes))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean, sample std (``ddof=1``; NaN for one value) and count of one figure over the seeds of a row."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    paper: float | None
+
+
+def cell_stats(values: Sequence[float | None], paper: float | None = None) -> Cell:
+    kept = np.array([v for v in values if v is not None], dtype=np.float64)
+    if kept.size == 0:
+        return Cell(None, None, 0, paper)
+    std = float(np.std(kept, ddof=1)) if kept.size > 1 else None
+    return Cell(float(np.mean(kept)), std, int(kept.size), paper)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Wilcoxon signed-rank test of a row against its reference row."""
+
+    reference: str | None
+    p_value: float | None
+    n_pairs: int
+    note: str = ""
+
+
+def case_values(run: RunRecord, key: str = "dsc_mean") -> dict[str, float]:
+    """``case_id -> value`` of one per-case figure (NaN/None left out)."""
+    out = {}
+    for row in run.per_case:
+        value = _finite(row.get(key))
+        if value is not None and "case_id" in row:
+            out[str(row["case_id"])] = value
+    return out
+
+
+def paired_values(
+    runs: Sequence[RunRecord], reference_runs: Sequence[RunRecord], key: str = "dsc_mean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case values of ``runs`` and ``reference_runs`` paired by (seed, case id), seeds pooled, in
+    seed then case-id order."""
+    ref_by_seed = {r.seed: r for r in reference_runs}
+    xs, ys = [], []
+    for run in sorted(runs, key=lambda r: (r.seed is None, r.seed or 0)):
+        ref = ref_by_seed.get(run.seed)
+        if ref is None:
+            continue
+        mine, theirs = case_values(run, key), case_values(ref, key)
+        for case_id in sorted(set(mine) & set(theirs)):
+            xs.append(mine[case_id])
+            ys.append(theirs[case_id])
+    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)
+
+
+def wilcoxon_p(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Two-sided Wilcoxon signed-rank p-value (scipy defaults); None for fewer than 2 pairs, 1 when every
+    difference is zero."""
+    if x.size < 2:
+        return None
+    if np.all(x - y == 0):
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(wilcoxon(x, y).pvalue)
+
+
+def reference_of(group: TableGroup, label: str) -> tuple[str | None, str]:
+    """The reference row of ``label`` (from its runs, else ``paper_values.yaml``) and a note on conflicts."""
+    named = Counter(r.reference_row for r in group.rows[label] if r.reference_row)
+    if not named:
+        return paper_spec(group.table).get("reference_row"), ""
+    choice = sorted(named.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    note = f"runs of row '{label}' name different reference rows {sorted(named)}; used '{choice}'"
+    return choice, note if len(named) > 1 else ""
+
+
+def paired_test(group: TableGroup, label: str) -> PairedTest:
+    reference, note = reference_of(group, label)
+    if reference is None or reference == label:
+        return PairedTest(reference, None, 0, note)
+    if reference not in group.rows:
+        return PairedTest(reference, None, 0, f"reference row '{reference}' has no runs here")
+    x, y = paired_values(group.rows[label], group.rows[reference])
+    return PairedTest(reference, wilcoxon_p(x, y), int(x.size), note)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the table
+
+
+def layout(group: TableGroup) -> list[Column]:
+    """The value columns of a table: the paper's metric columns for the dataset, then efficiency."""
+    classes: list[str] = []
+    for run in group.runs:
+        classes += [c for c in run.class_names if c not in classes]
+    cols: list[Column] = []
+    if len(classes) > 1:
+        cols += [Column(f"dsc/{c}", f"{c} DSC") for c in classes]
+        cols += [
+            Column("dsc_mean", "mean DSC"),
+            Column("iou_mean", "mean IoU"),
+            Column("hd95_mean", "mean HD95 (2-D)", ".2f"),
+        ]
+    else:
+        cols += [Column("dsc_mean", "DSC"), Column("iou_mean", "IoU"), Column("hd95_mean", "HD95", ".2f")]
+    if any(int(row.get("num_slices", 1)) > 1 for run in group.runs for row in run.per_case):
+        cols.append(Column("hd95_3d_mean", "HD95 3-D", ".2f"))
+    cols += [
+        Column("gflops", "GFLOPs", ".3f"),
+        Column("sparsity", "sparsity", ".3f"),
+        Column("flop_ratio", "FLOP ratio", ".3f"),
+        Column("part_flop_ratio", "part FLOP ratio", ".3f"),
+        Column("latency_ratio", "time ratio", ".3f"),
+        Column("latency_ms", "time (ms)", ".2f"),
+        Column("fg_token_recall", "fg token recall", ".4f", in_markdown=False),
+        Column("slice_dsc_mean", "slice mean DSC", ".4f", in_markdown=False),
+        Column("slice_hd95_mean", "slice mean HD95", ".2f", in_markdown=False),
+    ]
+    return cols
+
+
+@dataclass
+class RowSummary:
+    label: str
+    runs: list[RunRecord]
+    cells: dict[str, Cell]
+    test: PairedTest
+
+
+@dataclass
+class TableSummary:
+    group: TableGroup
+    columns: list[Column]
+    rows: list[RowSummary]
+
+    @property
+    def title(self) -> str:
+        return str(paper_spec(self.group.table).get("title", self.group.table))
+
+
+def summarize(group: TableGroup) -> TableSummary:
+    columns = layout(group)
+    rows = []
+    for label, runs in group.rows.items():
+        cells = {
+            c.key: cell_stats(
+                [run_value(r, c.key) for r in runs], paper_value(group.table, label, group.dataset, c.key)
+            )
+            for c in columns
+        }
+        rows.append(RowSummary(label, runs, cells, paired_test(group, label)))
+    return TableSummary(group, columns, rows)
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return DASH if value is None else format(value, fmt)
+
+
+def format_cell(cell: Cell, column: Column, n_seeds: int) -> str:
+    """``mean ± std (paper X)``, ``[n=k]`` when fewer seeds than the row's gave a value."""
+    if cell.n == 0:
+        text = NOT_RECORDED if column.key == "hd95_3d_mean" else DASH
+    else:
+        text = _fmt(cell.mean, column.fmt)
+        if cell.std is not None:
+            text += f" ± {_fmt(cell.std, column.fmt)}"
+        if cell.n != n_seeds:
+            text += f" [n={cell.n}]"
+    if cell.paper is not None:
+        text += f" (paper {cell.paper:g})"
+    return text
+
+
+def format_test(test: PairedTest, label: str, single_reference: bool) -> str:
+    if test.reference is None or test.reference == label:
+        return DASH
+    if test.p_value is None:
+        return f"{DASH} [{test.n_pairs} pairs]"
+    text = f"{test.p_value:.3g} [{test.n_pairs}]"
+    return text if single_reference else f"{text} vs {test.reference}"
+
+
+def _values(runs: Sequence[RunRecord], attr: str) -> list[str]:
+    """The distinct values of ``attr`` over ``runs``, sorted (seeds numerically), None left out."""
+    values = {getattr(r, attr) for r in runs if getattr(r, attr) not in (None, "")}
+    if attr == "seed":
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def caption(summary: TableSummary) -> list[str]:
+    """The lines under a table's title: data, split, weights, prompts, seeds, conventions, commits."""
+    group = summary.group
+    runs = group.runs
+    seeds = _values(runs, "seed")
+    n_per_row = sorted({len(r.runs) for r in summary.rows})
+    splits = [SPLIT_TITLES.get(s, s) for s in _values(runs, "split")]
+    checkpoints = [CHECKPOINT_TITLES.get(c, c) for c in _values(runs, "checkpoint")] or ["not recorded"]
+    scales = [SCALE_TITLES.get(s, s) for s in _values(runs, "scale")] or ["not recorded"]
+    prompts = _values([r for r in runs if r.prompted], "prompt")
+    references = sorted({r.test.reference for r in summary.rows if r.test.reference})
+    lines = [
+        f"Dataset: {DATASET_TITLES.get(group.dataset, group.dataset)}. Split: {'; '.join(splits)}. "
+        f"Weights scored: {'; '.join(checkpoints)}. Scale: {'; '.join(scales)}.",
+        f"Seeds: {', '.join(seeds) or 'not recorded'}; n = {', '.join(map(str, n_per_row))} runs per row "
+        "(cells show `[n=k]` where fewer runs gave a value).",
+    ]
+    if prompts:
+        lines.append(
+            f"Box prompts are oracle boxes from the ground truth. Prompt condition: {', '.join(prompts)}."
+        )
+    else:
+        lines.append("No row reads a box prompt.")
+    if group.dataset not in PAPER_DATASETS:
+        lines.append("Synthetic phantoms: the paper's values are not shown (they are for ACDC / ISIC).")
+    else:
+        lines.append("`(paper X)`: the paper's value for that cell (— where the paper gives none).")
+    lines += [
+        "Cells: mean ± sample std (ddof = 1) over seeds of each run's figure, itself a mean over cases "
+        "(an ACDC case is a volume: DSC and IoU on the stacked volume, HD95 2-D the mean of its slice HD95, "
+        "HD95 3-D the volume's 3-D HD95 where recorded); HD95 in mm where the data has a pixel spacing, "
+        "else in pixels.",
+        "p: two-sided Wilcoxon signed-rank test (scipy defaults: zero differences dropped) of per-case "
+        "mean DSC against the reference row"
+        + (f" '{references[0]}'" if len(references) == 1 else "s named in the cell")
+        + ", cases paired by case id within a seed, seeds pooled; [k] = number of pairs; p = 1 when every "
+        "difference is zero; — for the reference row itself or fewer than 2 pairs.",
+        "GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1, a multiply-add = 2 FLOPs (GMACs "
+        "= GFLOPs / 2; the paper probably reports MACs). FLOP / time ratio: pruned over the same weights "
+        "with pruning off (— where the row prunes nothing); part FLOP ratio: the blocks after the first "
+        "pruning point only. Sparsity: fraction of grid tokens pruned, averaged over the blocks after the "
+        "first pruning point. Time: median batch-1 latency on the run's own device.",
+    ]
+    points = _values(runs, "prune_points")
+    if points:
+        lines.append(f"Pruning points: {'; '.join(p for p in points if p)}.")
+    no_fg = sorted(
+        {int(v) for r in runs if (v := _finite(r.metrics.get("counts/slice/no_foreground"))) is not None}
+    )
+    slices = sorted({int(v) for r in runs if (v := _finite(r.metrics.get("counts/slices"))) is not None})
+    if no_fg:
+        lines.append(
+            f"Slices without foreground (their box falls back to the whole image, which itself tells the "
+            f"model the slice is empty): {', '.join(map(str, no_fg))} of {', '.join(map(str, slices))} "
+            "per run."
+        )
+    lines.append(f"Commit(s): {', '.join(_values(runs, 'commit')) or 'not recorded'}.")
+    notes = list(group.notes) + [r.test.note for r in summary.rows if r.test.note]
+    notes += _condition_notes(group)
+    lines += [f"Note: {n}." for n in notes]
+    return lines
+
+
+def _condition_notes(group: TableGroup) -> list[str]:
+    notes = []
+    for label, runs in group.rows.items():
+        for attr in ("split", "checkpoint", "scale", "prompt", "model"):
+            values = _values(runs, attr)
+            if len(values) > 1:
+                notes.append(f"row '{label}' mixes {attr} values {values} across its runs")
+    return notes
+
+
+def to_markdown(summary: TableSummary) -> str:
+    group = summary.group
+    cols = [c for c in summary.columns if c.in_markdown]
+    single_reference = len({r.test.reference for r in summary.rows if r.test.reference}) <= 1
+    header = ["row", "n", *[c.header for c in cols], "p (Wilcoxon vs ref)"]
+    lines = [
+        f"## {summary.title}: {DATASET_TITLES.get(group.dataset, group.dataset)} (`{group.table}`)",
+        "",
+        *caption(summary),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in summary.rows:
+        n = len(row.runs)
+        cells = [format_cell(row.cells[c.key], c, n) for c in cols]
+        test = format_test(row.test, row.label, single_reference)
+        lines.append("| " + " | ".join([row.label, str(n), *cells, test]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def to_csv(summary: TableSummary) -> str:
+    """One line per row: conditions, then ``<key>_mean``, ``_std``, ``_n``, ``_paper`` per column, the
+    paired test, the seeds and the run folders."""
+    group = summary.group
+    header = ["table", "dataset", "row", "n_seeds", "seeds", "split", "checkpoint", "scale", "prompt"]
+    for c in summary.columns:
+        header += [f"{c.key}_mean", f"{c.key}_std", f"{c.key}_n", f"{c.key}_paper"]
+    header += ["reference_row", "p_value", "n_pairs", "runs"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in summary.rows:
+        line = [group.table, group.dataset, row.label, len(row.runs), " ".join(_values(row.runs, "seed"))]
+        line += [" ".join(_values(row.runs, a)) for a in ("split", "checkpoint", "scale", "prompt")]
+        for c in summary.columns:
+            cell = row.cells[c.key]
+            line += [_csv_number(cell.mean), _csv_number(cell.std), cell.n, _csv_number(cell.paper)]
+        line += [row.test.reference or "", _csv_number(row.test.p_value), row.test.n_pairs]
+        line.append(" ".join(str(r.path) for r in row.runs))
+        writer.writerow(line)
+    return buffer.getvalue()

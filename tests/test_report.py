@@ -1,0 +1,523 @@
+"""``prato-report`` on run folders built here: cells, paired tests, both metrics shapes, determinism,
+refusals, figures, and the figure samples a run saves."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.stats import wilcoxon
+
+from prato_exp.data.phantoms import SyntheticCardiacSource
+from prato_exp.data.prompts import BoxPrompter
+from prato_exp.lightning.datamodule import EvalSlices
+from prato_exp.models.unetr import PrunableUNETR
+from prato_exp.pruning.prato import PrATo
+from prato_exp.report.cli import main, report
+from prato_exp.report.runs import ReportError
+from prato_exp.report.samples import (
+    SAMPLES_FILENAME,
+    load_report_samples,
+    pick_report_slices,
+    save_report_samples,
+)
+
+CLASSES = ("RV", "Myo", "LV")
+CASES = [f"patient{i:03d}_frame01" for i in range(1, 7)]
+SOURCES = {"acdc": "prato_exp.data.acdc.ACDCSource", "isic": "prato_exp.data.isic.ISICSource"}
+PRATO = "prato_exp.pruning.prato.PrATo"
+NONE = "prato_exp.pruning.base.NoPruner"
+
+
+def _per_case(rng: np.random.Generator, offset: float, classes=CLASSES, hd95_3d: bool = False) -> list[dict]:
+    rows = []
+    for case_id in CASES:
+        row = {"case_id": case_id, "num_slices": 8 if len(classes) > 1 else 1}
+        for metric, scale in (("dsc", 1.0), ("iou", 1.0), ("hd95", 30.0)):
+            values = np.clip(rng.uniform(0.3, 0.8, len(classes)) + offset, 0, 1) * scale
+            row.update({f"{metric}/{c}": float(v) for c, v in zip(classes, values, strict=True)})
+            row[f"{metric}_mean"] = float(values.mean())
+        if hd95_3d:
+            row.update(
+                {f"hd95_3d/{c}": float(v) for c, v in zip(classes, rng.uniform(5, 15, 3), strict=True)}
+            )
+        rows.append(row)
+    return rows
+
+
+def _flat(split: str, rows: list[dict], classes=CLASSES, sparsity: float | None = None) -> dict:
+    """The run-level figures of the rows, as the meter reduces them (per class over cases, then mean)."""
+    flat = {}
+    for metric in ("dsc", "iou", "hd95"):
+        per_class = [float(np.mean([r[f"{metric}/{c}"] for r in rows])) for c in classes]
+        flat.update({f"{split}/case/{metric}/{c}": v for c, v in zip(classes, per_class, strict=True)})
+        flat[f"{split}/case/{metric}_mean"] = float(np.mean(per_class))
+    flat[f"{split}/counts/slices"] = 48.0
+    flat[f"{split}/counts/slice/no_foreground"] = 3.0
+    if sparsity is not None:
+        flat[f"{split}/sparsity"] = sparsity
+    return flat
+
+
+def _samples(path: Path, rng: np.random.Generator, pruned: bool, classes=CLASSES, size: int = 32) -> None:
+    """A samples file with the keys of ``save_report_samples`` (3 slices, grid 4 x 4, 2 points)."""
+    n, grid = 3, 4
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        for c in range(1, len(classes) + 1):
+            label[i][(yy - 8 - 4 * c) ** 2 + (xx - 10 - 3 * c - i) ** 2 < (10 - 2 * c) ** 2] = c
+    pred = label.copy()
+    pred[:, rng.random((size, size)) < 0.05] = 0
+    arrays = {
+        "case_ids": np.array(CASES[:n]),
+        "slice_indices": np.array([2, 3, 4]),
+        "image": rng.random((n, 1, size, size)).astype(np.float16),
+        "label": label,
+        "pred": pred,
+        "box_xyxy": np.tile(np.array([6.0, 6.0, 26.0, 26.0], np.float32), (n, 1)),
+        "prune_enabled": np.ones(n, bool),
+        "grid_hw": np.array([grid, grid] if pruned else [0, 0]),
+        "keep_grid": rng.random((n, 2, grid, grid)) < 0.7 if pruned else np.zeros((n, 0, 0, 0), bool),
+        "scores": rng.random((n, 2, grid, grid)).astype(np.float16)
+        if pruned
+        else np.zeros((n, 0, 0, 0), np.float16),
+        "class_names": np.array(classes),
+    }
+    if pruned:
+        arrays["weights"] = np.stack([1 - rng.permutation(25) / 24 for _ in range(n)]).astype(np.float16)
+    np.savez_compressed(path / SAMPLES_FILENAME, **arrays)
+
+
+def make_run(
+    folder: Path,
+    *,
+    table: str,
+    row: str,
+    seed: int,
+    offset: float,
+    reference: str | None,
+    dataset: str = "acdc",
+    pruned: bool = True,
+    kind: str = "train",
+    prompt: str = "tight",
+    hd95_3d: bool = False,
+    samples: bool = True,
+    report_block: bool = True,
+) -> Path:
+    """One fake run folder; per-case values drawn from ``seed`` and ``offset``, figures reduced from them."""
+    rng = np.random.default_rng([seed, round(offset * 1000) + 1000, len(row)])
+    classes = CLASSES if dataset == "acdc" else ("lesion",)
+    rows = _per_case(rng, offset, classes, hd95_3d)
+    folder.mkdir(parents=True)
+    config = {
+        "seed": seed,
+        "dataset": {"_target_": SOURCES[dataset]},
+        "model": {"_target_": "prato_exp.models.unetr.PrunableUNETR", "prune_after": [3]},
+        "pruning": {"_target_": PRATO if pruned else NONE},
+        "prompt": {"condition": prompt},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    gflops = 1.0 + offset + 0.01 * seed
+    efficiency = {"gflops_per_image": gflops, "latency": {"median_ms": 10.0 + seed}}
+    if pruned:
+        efficiency.update(
+            unpruned={"gflops_per_image": 2.0, "latency": {"median_ms": 12.0}},
+            flop_ratio=gflops / 2.0,
+            pruned_part_flop_ratio=0.5 + 0.01 * seed,
+            latency_ratio=(10.0 + seed) / 12.0,
+        )
+    metrics: dict = {"environment": {"commit": "abc1234"}, "efficiency": efficiency}
+    sparsity = 0.25 + 0.01 * seed if pruned else None
+    if kind == "train":
+        metrics.update(
+            choices={"dataset": dataset, "model": "unetr_small"},
+            seed=seed,
+            val=_flat("val", rows, classes, sparsity),
+            test=None,
+            per_case={"val": rows},
+        )
+    else:
+        metrics.update(
+            split="val",
+            prompt_condition=prompt,
+            metrics=_flat("val", rows, classes, sparsity),
+            per_case=rows,
+            checkpoint="/somewhere/best-009.ckpt",
+        )
+    if report_block:
+        metrics["report"] = {
+            "table": table,
+            "row": row,
+            "reference_row": reference,
+            "split": "val",
+            "checkpoint": "best",
+            "scale": "cpu",
+            "prompt": prompt,
+        }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if samples:
+        _samples(folder, rng, pruned, classes)
+    return folder
+
+
+TABLE1 = {"PrATo (ours)": 0.0, "w/o entropy weighting": -0.05, "naive crop": -0.02}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Table I (3 rows x 3 seeds, training shape), Table VI (eval shape), one Table V pair on ISIC."""
+    root = tmp_path_factory.mktemp("multirun")
+    for i, (row, offset) in enumerate(TABLE1.items()):
+        for seed in range(3):
+            make_run(
+                root / f"t1_{i}_{seed}",
+                table="table1_components",
+                row=row,
+                seed=seed,
+                offset=offset,
+                reference="PrATo (ours)",
+                hd95_3d=row != "naive crop",
+            )
+    for i, prompt in enumerate(("tight", "misleading")):
+        for seed in range(2):
+            make_run(
+                root / f"t6_{i}_{seed}",
+                table="table6_prompts",
+                row=prompt,
+                seed=seed,
+                offset=-0.1 * i,
+                reference="tight",
+                kind="eval",
+                prompt=prompt,
+            )
+    for i, row in enumerate(("UNETR", "UNETR + PrATo")):
+        for seed in range(2):
+            make_run(
+                root / f"t5_{i}_{seed}",
+                table="table5_backbones",
+                row=row,
+                seed=seed,
+                offset=0.02 * i,
+                reference="UNETR + PrATo",
+                dataset="isic",
+                pruned=row.endswith("PrATo"),
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def out(runs, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("report")
+    report([runs], folder)
+    return folder
+
+
+def _csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as f:
+        return {r["row"]: r for r in csv.DictReader(f)}
+
+
+def _metrics(runs: Path, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(runs.glob(f"{pattern}/metrics.json"))]
+
+
+def test_cells_are_mean_std_and_n_over_seeds(runs, out):
+    table = _csv(out / "table1_components_acdc.csv")
+    assert list(table) == list(TABLE1)  # paper_values.yaml's row order
+    for i, row in enumerate(TABLE1):
+        metrics = _metrics(runs, f"t1_{i}_*")
+        for key, column in (("val/case/dsc_mean", "dsc_mean"), ("val/case/dsc/LV", "dsc/LV")):
+            values = np.array([m["val"][key] for m in metrics])
+            assert float(table[row][f"{column}_mean"]) == pytest.approx(values.mean(), abs=1e-12)
+            assert float(table[row][f"{column}_std"]) == pytest.approx(values.std(ddof=1), abs=1e-12)
+            assert table[row][f"{column}_n"] == "3"
+        gflops = np.array([m["efficiency"]["gflops_per_image"] for m in metrics])
+        assert float(table[row]["gflops_mean"]) == pytest.approx(gflops.mean())
+        assert float(table[row]["latency_ratio_mean"]) == pytest.approx(
+            np.mean([m["efficiency"]["latency_ratio"] for m in metrics])
+        )
+        assert table[row]["n_seeds"] == "3" and table[row]["seeds"] == "0 1 2"
+    assert float(table["PrATo (ours)"]["dsc/LV_paper"]) == 0.6146
+    assert float(table["naive crop"]["hd95_mean_paper"]) == 15.89
+    assert table["PrATo (ours)"]["dsc_mean_paper"] == ""  # Table I gives no mean DSC
+
+
+def test_paired_wilcoxon_against_the_reference_row(runs, out):
+    table = _csv(out / "table1_components_acdc.csv")
+    assert table["PrATo (ours)"]["p_value"] == ""
+    reference = {m["seed"]: m for m in _metrics(runs, "t1_0_*")}
+    for i, row in enumerate(("w/o entropy weighting", "naive crop"), start=1):
+        x, y = [], []
+        for m in _metrics(runs, f"t1_{i}_*"):
+            ref = {r["case_id"]: r["dsc_mean"] for r in reference[m["seed"]]["per_case"]["val"]}
+            for r in sorted(m["per_case"]["val"], key=lambda r: r["case_id"]):
+                x.append(r["dsc_mean"])
+                y.append(ref[r["case_id"]])
+        assert float(table[row]["p_value"]) == pytest.approx(wilcoxon(x, y).pvalue, rel=1e-12)
+        assert table[row]["n_pairs"] == str(len(CASES) * 3)
+        assert table[row]["reference_row"] == "PrATo (ours)"
+
+
+def test_markdown_has_caption_cells_and_missing_3d_hd95(out):
+    text = (out / "table1_components_acdc.md").read_text()
+    assert "Box prompts are oracle boxes from the ground truth." in text
+    assert "validation" in text and "best on validation" in text and "abc1234" in text
+    assert "Seeds: 0, 1, 2" in text
+    assert "(paper 0.6146)" in text
+    lines = [line for line in text.splitlines() if line.startswith("| naive crop")]
+    assert "n/a (not recorded)" in lines[0]
+    prato = next(line for line in text.splitlines() if line.startswith("| PrATo (ours)"))
+    assert "n/a" not in prato and " ± " in prato
+
+
+def test_eval_only_runs_make_table6(runs, out):
+    table = _csv(out / "table6_prompts_acdc.csv")
+    assert list(table) == ["tight", "misleading"]
+    for i, row in enumerate(table):
+        metrics = _metrics(runs, f"t6_{i}_*")
+        values = np.array([m["metrics"]["val/case/iou_mean"] for m in metrics])
+        assert float(table[row]["iou_mean_mean"]) == pytest.approx(values.mean())
+        assert table[row]["prompt"] == row and table[row]["seeds"] == "0 1"
+    assert float(table["misleading"]["dsc_mean_paper"]) == 0.6528
+    assert float(table["misleading"]["p_value"]) > 0
+
+
+def test_isic_table_has_single_class_layout_and_figures(out):
+    text = (out / "table5_backbones_isic.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| row"))
+    assert "| DSC | IoU | HD95 |" in header and "lesion DSC" not in header and "HD95 3-D" not in header
+    assert "(paper 0.8754)" in text
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    for stem in (
+        "fig5_table5_backbones_isic",
+        "fig6_table5_backbones_isic",
+        "fig7_retention_maps",
+        "fig8_scores_weights",
+        "fig9_table6_prompts_acdc",
+        "samples_table1_components_acdc",
+    ):
+        assert f"{stem}.png" in names and f"{stem}.pdf" in names
+    index = (out / "index.md").read_text()
+    assert "fig3: no runs of table4" in index
+
+
+def test_rerun_gives_identical_tables(runs, out, tmp_path):
+    report([runs], tmp_path, figures=False)
+    for name in ("table1_components_acdc", "table6_prompts_acdc", "table5_backbones_isic"):
+        for ext in (".md", ".csv"):
+            assert (tmp_path / f"{name}{ext}").read_bytes() == (out / f"{name}{ext}").read_bytes()
+
+
+def test_all_zero_differences_and_a_lone_reference(tmp_path):
+    for row in ("k=5", "k=3"):
+        make_run(
+            tmp_path / row, table="table3_k", row=row, seed=0, offset=0.0, reference="k=5", samples=False
+        )
+    # identical per-case values: rename k=3's metrics to k=5's
+    k5 = json.loads((tmp_path / "k=5" / "metrics.json").read_text())
+    k5["report"]["row"] = "k=3"
+    (tmp_path / "k=3" / "metrics.json").write_text(json.dumps(k5))
+    report([tmp_path], tmp_path / "out", figures=False)
+    table = _csv(tmp_path / "out" / "table3_k_acdc.csv")
+    assert table["k=3"]["p_value"] == "1.0" and table["k=5"]["p_value"] == ""
+    assert table["k=3"]["dsc_mean_std"] == ""  # one seed: no std
+    assert "k=5 | 1 |" in (tmp_path / "out" / "table3_k_acdc.md").read_text()
+
+
+def test_a_run_without_report_block_is_an_error_naming_it(runs, tmp_path, capsys):
+    bad = make_run(
+        tmp_path / "old_run", table="", row="", seed=0, offset=0.0, reference=None, report_block=False
+    )
+    with pytest.raises(ReportError, match="old_run"):
+        report([runs, bad], tmp_path / "out", figures=False)
+    assert main([str(bad), "--out", str(tmp_path / "out2")]) == 2
+    assert "old_run" in capsys.readouterr().err
+    result = report([runs, bad], tmp_path / "out3", allow_incomplete=True, figures=False)
+    assert len(result["problems"]) == 1
+    assert "old_run" in capsys.readouterr().err
+    assert "old_run" in (tmp_path / "out3" / "index.md").read_text()
+
+
+def test_a_folder_without_runs_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no run folder"):
+        report([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_script_runs_the_same_main(runs, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+    subprocess.run(
+        [sys.executable, str(script), str(runs / "t6_0_0"), "--out", str(tmp_path), "--no-figures"],
+        check=True,
+        capture_output=True,
+    )
+    assert (tmp_path / "table6_prompts_acdc.csv").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# figure samples
+
+
+@pytest.fixture(scope="module")
+def eval_set() -> EvalSlices:
+    source = SyntheticCardiacSource(num_train=0, num_val=5, num_test=0, size=64, seed=0, slices_per_case=3)
+    return EvalSlices(source, source.split_ids()["val"], 64, BoxPrompter(condition="tight"))
+
+
+def _unetr(seed: int, pruner=None, **kwargs) -> PrunableUNETR:
+    torch.manual_seed(seed)
+    return PrunableUNETR(1, 4, img_size=64, hidden_size=48, mlp_dim=96, num_heads=3, pruner=pruner, **kwargs)
+
+
+class _Volumes(torch.utils.data.Dataset):
+    """Slices of volumes whose foreground per slice is given; with ``cases`` like ``EvalSlices`` or not."""
+
+    def __init__(self, foreground: dict[str, list[int]], with_cases: bool) -> None:
+        self.labels = {}
+        for cid, counts in foreground.items():
+            label = np.zeros((len(counts), 8, 8), np.int64)
+            for z, n in enumerate(counts):
+                label[z].flat[:n] = 1
+            self.labels[cid] = label
+        self.index = [(cid, z) for cid in foreground for z in range(len(foreground[cid]))]
+        if with_cases:
+            self.cases = {
+                c: SimpleNamespace(label=lab, num_slices=len(lab)) for c, lab in self.labels.items()
+            }
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        cid, z = self.index[i]
+        return {"case_id": cid, "slice_index": z, "label": torch.as_tensor(self.labels[cid][z])}
+
+
+@pytest.mark.parametrize("with_cases", [True, False])
+def test_pick_report_slices_takes_the_fullest_slice_of_cases_spread_over_sorted_ids(with_cases):
+    foreground = {"c": [0, 5, 9, 9], "a": [3, 1, 7], "d": [0, 0, 0], "b": [2, 8, 1], "e": [4, 6, 6]}
+    dataset = _Volumes(foreground, with_cases)
+    picked = [dataset.index[i] for i in pick_report_slices(dataset, 3)]
+    assert picked == [("a", 2), ("c", 2), ("e", 1)]  # ids a..e spread: a, c, e; ties: lowest slice
+    assert [dataset.index[i] for i in pick_report_slices(dataset, 9)][3] == ("d", 0)  # no foreground: slice 0
+    assert pick_report_slices(dataset, 0) == []
+
+
+def test_save_report_samples_picks_the_same_slices_for_two_nets(eval_set, tmp_path):
+    pruned = _unetr(0, PrATo, prune_after=(3, 6))
+    plain = _unetr(1)
+    a = load_report_samples(save_report_samples(pruned, eval_set, tmp_path / "a.npz", count=3))
+    b = load_report_samples(save_report_samples(plain, eval_set, tmp_path / "b", count=3))
+    assert (tmp_path / "b" / SAMPLES_FILENAME).is_file()
+    np.testing.assert_array_equal(a["case_ids"], b["case_ids"])
+    np.testing.assert_array_equal(a["slice_indices"], b["slice_indices"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+    # three of five cases, spread over the sorted ids; each its slice with the most foreground
+    ids = sorted(eval_set.cases)
+    assert list(a["case_ids"]) == [ids[0], ids[2], ids[4]]
+    for cid, z in zip(a["case_ids"], a["slice_indices"], strict=True):
+        fg = (eval_set.cases[str(cid)].label > 0).reshape(3, -1).sum(1)
+        assert z == int(np.argmax(fg))
+    assert a["image"].shape == (3, 1, 64, 64) and a["image"].dtype == np.float16
+    assert a["label"].dtype == np.uint8 and a["pred"].shape == (3, 64, 64)
+    assert a["box_xyxy"].shape == (3, 4) and list(a["grid_hw"]) == [4, 4]
+    assert a["keep_grid"].shape == (3, 2, 4, 4) and a["keep_grid"].dtype == bool
+    assert a["scores"].shape == (3, 2, 4, 4)
+    # at the second point only the places kept by the first were scored
+    np.testing.assert_array_equal(np.isfinite(a["scores"][:, 1]), a["keep_grid"][:, 0])
+    assert np.isfinite(a["scores"][:, 0]).all()
+    assert a["weights"].shape == (3, 25)
+    assert b["keep_grid"].shape[1] == 0 and "weights" not in b
+    assert list(a["class_names"]) == list(CLASSES)
+    assert pruned.training and plain.training  # the mode is restored
+    assert (tmp_path / "a.npz").stat().st_size < 200_000
+
+
+# --------------------------------------------------------------------------------------------------------
+# end to end: real phantom runs through Hydra's compose API, then the report
+
+TINY = [
+    "model.img_size=32",
+    "datamodule.batch_size=4",
+    "dataset.num_train=8",
+    "dataset.num_val=3",
+    "dataset.num_test=0",
+    "dataset.size=48",
+    "efficiency.flop_images=2",
+    "efficiency.latency_warmup=1",
+    "efficiency.latency_repeats=3",
+    "logger=none",
+    "run_test=false",
+    "+trainer.fast_dev_run=true",
+]
+
+
+@pytest.mark.slow
+def test_report_of_real_phantom_runs_matches_their_metrics(tmp_path, monkeypatch):
+    from conftest import compose_train
+
+    from prato_exp.cli import train as train_cli
+
+    # until train.py saves figure samples itself: save them where it measures efficiency, same net and set
+    current: dict[str, Path] = {}
+    measure = train_cli.efficiency_report
+
+    def measure_and_save(net, eval_set, *args, **kwargs):
+        if not (current["run"] / SAMPLES_FILENAME).exists():
+            save_report_samples(net, eval_set, current["run"], count=2)
+        return measure(net, eval_set, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "efficiency_report", measure_and_save)
+    rows = {"unpruned": "pruning=none", "PrATo (ours)": "pruning=percentile25"}
+    for row, choice in rows.items():
+        for seed in (0, 1):
+            current["run"] = run = tmp_path / "multirun" / f"{choice[8:]}_{seed}"
+            train_cli.train(compose_train([*TINY, choice, f"seed={seed}"]), run)
+            metrics = json.loads((run / "metrics.json").read_text())
+            if not (metrics.get("report") or {}).get("table"):  # until train.py writes the block
+                metrics["report"] = {
+                    "table": "table4_pruners",
+                    "row": row,
+                    "reference_row": "PrATo (ours)",
+                    "split": "val",
+                    "checkpoint": "final",
+                    "scale": "cpu",
+                    "prompt": "tight",
+                }
+                (run / "metrics.json").write_text(json.dumps(metrics))
+
+    result = report([tmp_path / "multirun"], tmp_path / "out")
+    table = _csv(tmp_path / "out" / "table4_pruners_synthetic_cardiac.csv")
+    assert list(table) == ["unpruned", "PrATo (ours)"]
+    by_row = {row: _metrics(tmp_path / "multirun", f"{choice[8:]}_*") for row, choice in rows.items()}
+    for row, metrics in by_row.items():
+        for column in ("dsc/LV", "dsc_mean", "iou_mean", "hd95_mean"):
+            values = np.array([m["val"][f"val/case/{column}"] for m in metrics])
+            assert float(table[row][f"{column}_mean"]) == pytest.approx(values.mean())
+            assert float(table[row][f"{column}_std"]) == pytest.approx(values.std(ddof=1))
+        gflops = [m["efficiency"]["gflops_per_image"] for m in metrics]
+        assert float(table[row]["gflops_mean"]) == pytest.approx(np.mean(gflops))
+        assert table[row]["n_seeds"] == "2"
+    sparsity = [m["val"]["val/sparsity"] for m in by_row["PrATo (ours)"]]
+    assert float(table["PrATo (ours)"]["sparsity_mean"]) == pytest.approx(np.mean(sparsity))
+    assert float(table["unpruned"]["sparsity_mean"]) == 0.0 and table["unpruned"]["flop_ratio_mean"] == ""
+    x, y = [], []
+    for plain, prato in zip(by_row["unpruned"], by_row["PrATo (ours)"], strict=True):
+        assert plain["seed"] == prato["seed"]
+        ref = {r["case_id"]: r["dsc_mean"] for r in prato["per_case"]["val"]}
+        for r in sorted(plain["per_case"]["val"], key=lambda r: r["case_id"]):
+            x.append(r["dsc_mean"])
+            y.append(ref[r["case_id"]])
+    expected = wilcoxon(x, y).pvalue if np.any(np.array(x) != np.array(y)) else 1.0
+    assert float(table["unpruned"]["p_value"]) == pytest.approx(expected)
+    stems = {f.stem.name for f in result["figures"]}
+    assert {"fig3_table4_pruners_synthetic_cardiac", "fig7_retention_maps", "fig8_scores_weights"} <= stems
