@@ -65,7 +65,8 @@ def test_forward_backward_on_cpu(pruning):
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 @pytest.mark.parametrize("fill", ["zero", "carry"])
 def test_drop_and_mask_modes_agree(threshold, fill):
-    kwargs = {"threshold": threshold, "q": 50, "tau": 0.5, "fill": fill}
+    cut = {"q": 50} if threshold == "percentile" else {"tau": 0.5}
+    kwargs = {"threshold": threshold, **cut, "fill": fill}
     drop = _net(partial(PrATo, mode="drop", **kwargs)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs)).eval()
     mask.load_state_dict(drop.state_dict())

@@ -64,7 +64,7 @@ def test_forward_backward_shape(pruner):
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 def test_drop_and_mask_modes_agree(threshold, fused):
-    kwargs = {"threshold": threshold, "q": 50, "tau": 0.5}
+    kwargs = {"threshold": threshold, **({"q": 50} if threshold == "percentile" else {"tau": 0.5})}
     drop = _net(partial(PrATo, mode="drop", **kwargs), fused=fused, prune_after=(3, 6)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs), fused=fused, prune_after=(3, 6)).eval()
     mask.load_state_dict(drop.state_dict())

@@ -40,7 +40,7 @@ def test_output_shape_and_trace_without_pruning():
 
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 def test_drop_and_mask_modes_agree(threshold):
-    kwargs = {"threshold": threshold, "q": 50, "tau": 0.5}
+    kwargs = {"threshold": threshold, **({"q": 50} if threshold == "percentile" else {"tau": 0.5})}
     drop = _net(partial(PrATo, mode="drop", **kwargs), prune_after=(3, 6)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs), prune_after=(3, 6)).eval()
     mask.load_state_dict(drop.state_dict())
