@@ -48,3 +48,24 @@ def test_eval_prompts_are_identical_across_runs():
 def test_split_ids_are_written(tmp_path):
     path = _datamodule().write_split_ids(tmp_path)
     assert path.exists() and "val" in path.read_text()
+
+
+def test_cached_training_slices_equal_fresh_reads_and_are_read_once():
+    cached = _datamodule("datamodule.cache_train_slices=true")
+    fresh = _datamodule("datamodule.cache_train_slices=false")
+    reads = []
+    load = cached.train_set.source.load_slice
+    cached.train_set.source.load_slice = lambda ref: reads.append(ref) or load(ref)
+    for _ in range(2):
+        a, b = cached.train_set[(3, 11)], fresh.train_set[(3, 11)]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert torch.equal(a["box_xyxy"], b["box_xyxy"])
+    assert len(reads) == 1
+
+
+def test_changing_a_served_sample_leaves_the_cache_untouched():
+    dm = _datamodule("datamodule.cache_train_slices=true")
+    first = dm.train_set[(0, 1)]
+    first["image"].add_(100.0)
+    expected = _datamodule("datamodule.cache_train_slices=false").train_set[(0, 1)]["image"]
+    assert torch.equal(dm.train_set[(0, 1)]["image"], expected)

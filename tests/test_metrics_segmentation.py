@@ -194,3 +194,14 @@ def test_foreground_token_recall():
     recall = foreground_token_recall(keep, target)
     assert recall[0].item() == pytest.approx(0.5)
     assert math.isnan(recall[1].item())
+
+
+def test_dsc_only_scoring_leaves_hd95_nan_and_the_rest_equal():
+    pred = torch.zeros(16, 16, dtype=torch.long)
+    pred[2:8, 2:8] = 1
+    target = torch.zeros(16, 16, dtype=torch.long)
+    target[3:9, 3:9] = 1
+    full = slice_stats(pred, target, 3)
+    fast = slice_stats(pred, target, 3, with_hd95=False)
+    assert np.isnan(fast.hd95).all() and full.hd95[0] > 0
+    assert np.array_equal(full.dsc, fast.dsc, equal_nan=True)

@@ -462,43 +462,22 @@ TINY = [
 
 
 @pytest.mark.slow
-def test_report_of_real_phantom_runs_matches_their_metrics(tmp_path, monkeypatch):
+def test_report_of_real_phantom_runs_matches_their_metrics(tmp_path):
     from conftest import compose_train
 
-    from prato_exp.cli import train as train_cli
+    from prato_exp.cli.train import train
 
-    # until train.py saves figure samples itself: save them where it measures efficiency, same net and set
-    current: dict[str, Path] = {}
-    measure = train_cli.efficiency_report
-
-    def measure_and_save(net, eval_set, *args, **kwargs):
-        if not (current["run"] / SAMPLES_FILENAME).exists():
-            save_report_samples(net, eval_set, current["run"], count=2)
-        return measure(net, eval_set, *args, **kwargs)
-
-    monkeypatch.setattr(train_cli, "efficiency_report", measure_and_save)
-    rows = {"unpruned": "pruning=none", "PrATo (ours)": "pruning=percentile25"}
-    for row, choice in rows.items():
+    rows = {"unpruned": "row=unpruned", "PrATo (ours)": "row=prato"}
+    for choice in rows.values():
         for seed in (0, 1):
-            current["run"] = run = tmp_path / "multirun" / f"{choice[8:]}_{seed}"
-            train_cli.train(compose_train([*TINY, choice, f"seed={seed}"]), run)
-            metrics = json.loads((run / "metrics.json").read_text())
-            if not (metrics.get("report") or {}).get("table"):  # until train.py writes the block
-                metrics["report"] = {
-                    "table": "table4_pruners",
-                    "row": row,
-                    "reference_row": "PrATo (ours)",
-                    "split": "val",
-                    "checkpoint": "final",
-                    "scale": "cpu",
-                    "prompt": "tight",
-                }
-                (run / "metrics.json").write_text(json.dumps(metrics))
+            run = tmp_path / "multirun" / f"{choice[4:]}_{seed}"
+            preset = ["experiment=table4_pruners", "dataset=synthetic_cardiac"]
+            train(compose_train([*preset, *TINY, choice, f"seed={seed}"]), run)
 
     result = report([tmp_path / "multirun"], tmp_path / "out")
     table = _csv(tmp_path / "out" / "table4_pruners_synthetic_cardiac.csv")
     assert list(table) == ["unpruned", "PrATo (ours)"]
-    by_row = {row: _metrics(tmp_path / "multirun", f"{choice[8:]}_*") for row, choice in rows.items()}
+    by_row = {row: _metrics(tmp_path / "multirun", f"{choice[4:]}_*") for row, choice in rows.items()}
     for row, metrics in by_row.items():
         for column in ("dsc/LV", "dsc_mean", "iou_mean", "hd95_mean"):
             values = np.array([m["val"][f"val/case/{column}"] for m in metrics])

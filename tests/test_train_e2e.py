@@ -54,7 +54,9 @@ def test_a_finished_run_folder_is_never_overwritten(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    cfg = compose_train([*TINY, "dataset=synthetic_lesion", "trainer.max_epochs=2", "logger=wandb"])
+    wandb = ["logger=wandb", "val_images.every_n_epochs=1"]
+    cfg_lesion = ["dataset=synthetic_lesion", "trainer.max_epochs=2", *wandb]
+    cfg = compose_train([*TINY, *cfg_lesion])
     train(cfg, run_dir)
     return run_dir
 
@@ -66,6 +68,16 @@ def test_short_training_writes_checkpoint_metrics_and_wandb_run(trained_run):
     assert 0.0 <= metrics["test"]["test/case/dsc/lesion"] <= 1.0
     assert metrics["efficiency"]["latency"]["median_ms"] > 0
     assert list((trained_run / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_run_gets_validation_panels_and_a_per_case_table(trained_run):
+    (offline,) = (trained_run / "wandb").glob("offline-run-*")
+    panels = list((offline / "files" / "media" / "images" / "val").glob("examples_*.png"))
+    tables = list((offline / "files" / "media" / "table" / "val").glob("per_case_*.table.json"))
+    assert len(panels) >= 2 * 2  # two slices (num_val=2) after each of two epochs
+    (table,) = tables
+    content = json.loads(table.read_text())
+    assert "case_id" in content["columns"] and len(content["data"]) == 2
 
 
 def test_eval_scores_a_checkpoint_and_draws_overlays(trained_run, tmp_path):
@@ -108,3 +120,34 @@ def test_multirun_sweep_runs_one_job_per_dataset(tmp_path):
     cmd += [*overrides, f"hydra.sweep.dir={tmp_path}"]
     subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
     assert len(list(tmp_path.glob("*/metrics.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("fn", "epoch", "due"),
+    [("fit", 0, False), ("fit", 1, True), ("fit", 2, False), ("fit", 4, True), ("validate", 0, True)],
+)
+def test_hd95_runs_every_n_epochs_and_at_the_last_in_training_and_always_when_scoring(fn, epoch, due):
+    from types import SimpleNamespace
+
+    from prato_exp.lightning.module import SegmentationModule
+
+    nothing = torch.nn.Identity()
+    module = SegmentationModule(nothing, nothing, torch.optim.SGD, class_names=["LV"], hd95_every_n_epochs=2)
+    module._trainer = SimpleNamespace(
+        state=SimpleNamespace(fn=fn), sanity_checking=False, current_epoch=epoch, max_epochs=5
+    )
+    assert module._hd95_due() is due
+
+
+def test_recipe_table_reads_what_the_run_wrote(trained_run, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from recipe_table import main, recipe_row
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    row = recipe_row(trained_run)
+    assert row["mean DSC"] == metrics["test"]["test/case/dsc_mean"]
+    assert (row["batch"], row["epochs"], row["samples seen"]) == (4, 2, metrics["train_samples_seen"])
+    assert row["samples seen"] == 2 * 2 * 4  # 8 slices, batch 4, drop_last: 2 steps per epoch
+    assert row["augment"] == "Flip+Rotate+Zoom+ScaleIntensity+ShiftIntensity"
+    assert main([str(trained_run), "--out", str(tmp_path / "t.md")]) == 0
+    assert f"{metrics['test']['test/case/dsc_mean']:.4f}" in (tmp_path / "t.md").read_text()

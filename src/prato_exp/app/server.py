@@ -112,7 +112,7 @@ class PageModel:
         self, image: np.ndarray, box: Sequence[float], q: float | None = None, label: np.ndarray | None = None
     ) -> PageResult:
         """Segment ``image`` ``(H, W, 3)`` uint8 with ``box``; ``q`` overrides the pruner's (when allowed)."""
-        from prato_exp.inference.render import mask_overlay, retention_map
+        from prato_exp.render import mask_overlay, retention_map
 
         overrides = (
             {"q": int(q) if float(q).is_integer() else float(q)} if q is not None and self.has_q else {}

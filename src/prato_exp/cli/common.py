@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from prato_exp.data.base import SegSource
 from prato_exp.lightning.datamodule import EvalSlices, SegDataModule
 from prato_exp.metrics.efficiency import count_flops, measure_latency
+from prato_exp.metrics.volume import summarise_volume_hd95, volume_hd95_rows
 from prato_exp.models.box_channel import BoxChannelInput
 from prato_exp.pruning.base import pruning_disabled
 
@@ -104,16 +106,105 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, name: str) -> Any:
-    """The experiment logger of ``cfg.logger`` writing under ``run_dir``, or None for ``logger=none``."""
+def run_labels(cfg: DictConfig, run_dir: Path, job: str) -> dict[str, Any]:
+    """How an experiment tracker files a run: a unique name, its table's group, its row and tags.
+
+    The name joins the sweep folder and the job folder (``2026-12-01_10-00-00/3_unetr_small_acdc_prato``),
+    so names never repeat across sweeps. Runs of one table preset share the group
+    ``<table>-<dataset>-<scale>``, each row is a job type, and the tags carry model, dataset, pruner and
+    seed (the chosen config files under Hydra, else the classes).
+    """
+    choices = hydra_choices()
+    report = OmegaConf.to_container(cfg.get("report") or {}, resolve=True)
+
+    def choice(group: str) -> str:
+        if group in choices and choices[group] not in (None, "None"):
+            return str(choices[group])
+        target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+        return target.rsplit(".", 1)[-1] if target else "none"
+
+    in_sweep = run_dir.parent.name if run_dir.parent.name not in ("runs", "") else None
+    name = f"{in_sweep}/{run_dir.name}" if in_sweep else run_dir.name
+    dataset = choice("dataset")
+    table = report.get("table")
+    scale = report.get("scale")
+    group = "-".join(str(p) for p in (table, dataset, scale) if p) if table else choice("experiment")
+    tags = [f"model:{choice('model')}", f"dataset:{dataset}", f"pruning:{choice('pruning')}"]
+    tags.append(f"seed:{cfg.seed}")
+    tags += [f"{key}:{value}" for key, value in (("table", table), ("scale", scale)) if value]
+    tags += [f"job:{job}"] + ([f"sweep:{in_sweep}"] if in_sweep else [])
+    return {
+        "name": name,
+        "group": None if group == "none" else group,
+        "job_type": report.get("row") or job,
+        "tags": tags,
+    }
+
+
+def hydra_choices() -> dict[str, str]:
+    """Which file of each config group this run used (from Hydra when it ran the job, else empty)."""
+    if HydraConfig.initialized():
+        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    return {}
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, job: str = "train") -> Any:
+    """The experiment logger of ``cfg.logger`` writing under ``run_dir``, or None for ``logger=none``.
+
+    W&B runs get :func:`run_labels` (unique name, group per table, job type per row, tags) and the
+    composed config.
+    """
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
     target = cfg.logger._target_
     kwargs: dict[str, Any] = {"save_dir": str(run_dir)}
     if target.endswith("WandbLogger"):
-        kwargs["name"] = name
+        labels = run_labels(cfg, run_dir, job)
+        kwargs.update({k: v for k, v in labels.items() if k not in cfg.logger})
         kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
     return instantiate(cfg.logger, _partial_=True)(**kwargs)
+
+
+def log_case_tables(logger: Any, per_case: dict[str, list[dict[str, Any]]]) -> None:
+    """Send each split's per-case metrics as a table to loggers that take tables (W&B)."""
+    if not hasattr(logger, "log_table"):
+        return
+    for split, rows in per_case.items():
+        if not rows:
+            continue
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        data = [[row.get(c) for c in columns] for row in rows]
+        logger.log_table(key=f"{split}/per_case", columns=columns, data=data)
+
+
+def add_volume_hd95(
+    metrics: dict[str, Any],
+    per_case: list[dict[str, Any]],
+    net: nn.Module,
+    datamodule: SegDataModule,
+    split: str,
+    device: torch.device,
+) -> None:
+    """Add the 3-D HD95 per volume (:mod:`prato_exp.metrics.volume`) to a split's metrics and per-case rows.
+
+    Only where a case has more than one slice (ACDC volumes; a 2-D image's 3-D HD95 is its 2-D HD95).
+    Keys: ``<split>/case/hd95_3d/<class>``, ``<split>/case/hd95_3d_mean``, ``<split>/hd95_3d_unit``;
+    per case ``hd95_3d/<class>`` and ``hd95_3d_mean``.
+    """
+    eval_set = datamodule.eval_set(split)
+    if all(case.num_slices <= 1 for case in eval_set.cases.values()):
+        return
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    names = datamodule.source.class_names
+    log.info("3-D HD95 per volume on %d %s cases", len(eval_set.cases), split)
+    rows = volume_hd95_rows(
+        net, loader, datamodule.num_classes, names, lambda cid: eval_set.cases[cid].spacing_dhw, device
+    )
+    metrics.update({f"{split}/{k}": v for k, v in summarise_volume_hd95(rows, names).items()})
+    with_spacing = {eval_set.cases[cid].spacing_dhw is not None for cid in rows}
+    metrics[f"{split}/hd95_3d_unit"] = "mm" if with_spacing == {True} else "voxels"
+    for row in per_case:
+        row.update(rows.get(row["case_id"], {}))
 
 
 @torch.no_grad()

@@ -16,16 +16,19 @@ from torch import nn
 
 from prato_exp.cli.common import (
     CONFIG_DIR,
+    add_volume_hd95,
     build_datamodule,
     build_logger,
     check_run_config,
     efficiency_report,
     environment,
+    log_case_tables,
     prepare_run_dir,
     report_block,
     write_json,
 )
 from prato_exp.lightning.module import SegmentationModule
+from prato_exp.lightning.progress import progress_bar
 from prato_exp.report.samples import save_report_samples
 from prato_exp.visualize import save_overlays
 
@@ -139,11 +142,13 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     Every value is checked, and the network built, before any data is read.
     """
+    env = environment()
     checkpoint = load_checkpoint(cfg.ckpt)
     run_cfg = rescoring_config(cfg, OmegaConf.create(checkpoint["prato_run_config"]))
     net = check_run_config(run_cfg)
     load_net_weights(net, checkpoint, cfg.ckpt)
     run_dir = prepare_run_dir(run_dir)
+    log.info("run folder: %s", run_dir.resolve())
     OmegaConf.save(run_cfg, run_dir / "config.yaml")
     pl.seed_everything(run_cfg.seed, workers=True)
 
@@ -157,13 +162,22 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     split = cfg.split if cfg.split != "auto" else ("test" if datamodule.has_test else "val")
     datamodule.write_split_ids(run_dir)
-    logger = build_logger(cfg, run_dir, name=run_dir.name)
-    trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger or False)
+    # the tracker files the run under the checkpoint's model, data and table, with this command's logger
+    labelled = OmegaConf.merge(
+        run_cfg, {"report": {k: v for k, v in (cfg.get("report") or {}).items() if v is not None}}
+    )
+    labelled.logger = cfg.logger
+    logger = build_logger(labelled, run_dir, job="eval")
+    callbacks = [progress_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks
+    )
     if split == "test":
         trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
     else:
         trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     eval_set = datamodule.eval_set(split)
+    log.info("efficiency pass: FLOPs on %d images and latency", run_cfg.efficiency.flop_images)
     device = torch.device("cuda" if trainer.strategy.root_device.type == "cuda" else "cpu")
     results: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt),
@@ -180,14 +194,20 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             run_cfg.efficiency.latency_repeats,
             device,
         ),
-        "environment": environment(),
+        "environment": env,
     }
+    if trainer.is_global_zero:
+        add_volume_hd95(results["metrics"], results["per_case"], net, datamodule, split, device)
     if split == "val":
         results["note"] = "scored on the validation split: these are validation figures"
     results["seed"] = run_cfg.seed
     results["report"] = report_block(run_cfg, split, _checkpoint_kind(cfg.ckpt))
     results["report"].update({k: v for k, v in (cfg.get("report") or {}).items() if v is not None})
     if trainer.is_global_zero:
+        log.info("saving %d overlays and the report's figure samples", cfg.num_overlays)
+        if logger is not None:
+            log_case_tables(logger, {split: results["per_case"]})
+            logger.finalize("success")
         results["figures"] = [
             str(p) for p in save_overlays(net, eval_set, run_dir / "overlays", cfg.num_overlays)
         ]

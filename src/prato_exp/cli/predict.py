@@ -205,7 +205,7 @@ def _predict_one(
     args: argparse.Namespace,
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    from prato_exp.inference.render import overlay_panel
+    from prato_exp.render import overlay_panel
 
     image = read_input(path)
     box = _box_for(image, box_arg, entries)

@@ -17,17 +17,22 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from prato_exp.cli.common import (
     CONFIG_DIR,
+    add_volume_hd95,
     build_datamodule,
     build_logger,
     check_run_config,
     efficiency_report,
     environment,
+    hydra_choices,
+    log_case_tables,
     prepare_run_dir,
     report_block,
     write_json,
 )
 from prato_exp.lightning.callbacks import EpochSeed, NonFiniteLossGuard
+from prato_exp.lightning.media import ValidationImages
 from prato_exp.lightning.module import SegmentationModule
+from prato_exp.lightning.progress import progress_bar
 from prato_exp.report.samples import save_report_samples
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     scored and the final-epoch weights where only validation is (never select on the split reported).
     """
     pl.seed_everything(cfg.seed, workers=True)
+    env = environment()  # the commit is read before any work, so a later checkout cannot change it
     net = check_run_config(cfg)
     policy = _checkpoint_policy(cfg.eval_checkpoint)
     run_dir = prepare_run_dir(run_dir)
@@ -59,6 +65,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         class_names=source.class_names,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        hd95_every_n_epochs=cfg.get("hd95_every_n_epochs", 1),
     )
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -70,7 +77,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     callbacks = [checkpoint, NonFiniteLossGuard(), EpochSeed(cfg.seed)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    logger = build_logger(cfg, run_dir, name=run_dir.name)
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(cfg.get("progress_every_percent", 10)))
+    logger = build_logger(cfg, run_dir, job="train")
+    if logger is not None and hasattr(logger, "log_image") and cfg.get("val_images"):
+        callbacks.append(ValidationImages(**cfg.val_images))
     trainer: pl.Trainer = instantiate(
         cfg.trainer, default_root_dir=str(run_dir), logger=logger or False, callbacks=callbacks
     )
@@ -78,6 +89,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_seconds = time.perf_counter() - started
+    samples_seen = trainer.global_step * cfg.datamodule.batch_size * trainer.world_size
     best = checkpoint.best_model_path or None
     score_test = bool(cfg.run_test and datamodule.has_test)
     if policy == "auto":
@@ -89,15 +101,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "choices": _choices(cfg),
+        "choices": hydra_choices(),
         "seed": cfg.seed,
         "best_checkpoint": best,
         "last_checkpoint": checkpoint.last_model_path or None,
         "scored_checkpoint": "best on validation" if policy == "best" else "final epoch",
         "train_seconds": train_seconds,
+        "train_samples_seen": samples_seen,
+        # validation inside fit included, so it compares with any script's end-to-end throughput; a resumed
+        # run's seconds cover only its last part, so it has none
+        "train_samples_per_second": (
+            samples_seen / train_seconds if train_seconds > 0 and not cfg.get("ckpt_path") else None
+        ),
         "epochs_run": trainer.current_epoch,
         "splits": {k: len(v) for k, v in source.split_ids().items()},
-        "environment": environment(),
+        "environment": env,
     }
     eval_kwargs = {"datamodule": datamodule, "ckpt_path": scored, "verbose": False}
     log.info("scoring the %s weights on the validation split", results["scored_checkpoint"])
@@ -116,9 +134,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     split = "test" if results["test"] is not None else "val"
     results["report"] = report_block(cfg, split, results["scored_checkpoint"])
     device = module.device if trainer.strategy.root_device.type != "cpu" else torch.device("cpu")
+    if trainer.is_global_zero:
+        for scored in ("val", "test") if score_test else ("val",):
+            add_volume_hd95(
+                results[scored], results["per_case"][scored], module.net, datamodule, scored, device
+            )
     log.info(
         "efficiency pass: FLOPs on %d images and latency, pruned and unpruned", cfg.efficiency.flop_images
     )
+    phase_started = time.perf_counter()
     results["efficiency"] = efficiency_report(
         module.net,
         datamodule.eval_set(split),
@@ -127,11 +151,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg.efficiency.latency_repeats,
         device,
     )
+    log.info("efficiency pass done in %.0f s", time.perf_counter() - phase_started)
     if logger is not None:
         eff = results["efficiency"]
         logger.log_metrics(
             {"eff/gflops": eff["gflops_per_image"], "eff/latency_ms": eff["latency"]["median_ms"]}
         )
+        log_case_tables(logger, results["per_case"])
         logger.finalize("success")
     if trainer.is_global_zero:
         log.info("saving the report's figure samples")
@@ -144,13 +170,6 @@ def _checkpoint_policy(value: str) -> str:
     if value not in CHECKPOINT_POLICIES:
         raise ValueError(f"eval_checkpoint must be one of {CHECKPOINT_POLICIES}, got {value!r}")
     return value
-
-
-def _choices(cfg: DictConfig) -> dict[str, str]:
-    """Which file of each config group this run used (from Hydra when it ran the job)."""
-    if HydraConfig.initialized():
-        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
-    return {}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -131,6 +131,7 @@ class ACDCSource(SegSource):
         self.percentile_clip = percentile_clip
         self._volumes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._spacing: dict[str, tuple[float, float]] = {}
+        self._slice_spacing: dict[str, float] = {}
 
         if (self.root / "train_slices.list").is_file():
             self.layout = "h5"
@@ -184,6 +185,7 @@ class ACDCSource(SegSource):
             image=image[None],
             label=label.astype(np.int64),
             spacing_hw=self._spacing.get(case_id),
+            slice_spacing=self._slice_spacing.get(case_id),
         )
 
     def _volume(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +334,7 @@ class ACDCSource(SegSource):
             if len(shape) != 3:
                 raise DataContentError(f"{image_path}: expected a 3-D volume, got shape {shape}.")
             self._spacing[case_id] = (float(zooms[1]), float(zooms[0]))
+            self._slice_spacing[case_id] = float(zooms[2])
             if case_id in train_ids:
                 self._train_slices.extend(SliceRef(case_id, k) for k in range(shape[2]))
         self._train_slices.sort(key=lambda r: (r.case_id, r.slice_index))

@@ -44,12 +44,21 @@ class Case:
         image: ``(C, D, H, W)`` float32, intensities scaled to [0, 1].
         label: ``(D, H, W)`` int64 class indices.
         spacing_hw: in-plane pixel spacing in mm, or None where the data has none (distances in pixels).
+        slice_spacing: distance between slices in mm, or None where the data has none.
     """
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     spacing_hw: tuple[float, float] | None = None
+    slice_spacing: float | None = None
+
+    @property
+    def spacing_dhw(self) -> tuple[float, float, float] | None:
+        """Voxel spacing ``(z, y, x)`` in mm when both the in-plane and the slice spacing are known."""
+        if self.spacing_hw is None or self.slice_spacing is None:
+            return None
+        return (self.slice_spacing, *self.spacing_hw)
 
     @property
     def num_slices(self) -> int:

@@ -39,14 +39,41 @@ def _prompt_fields(prompter: BoxPrompter, label: Tensor, image_id: str, slice_in
 
 
 class TrainSlices(Dataset):
-    """Augmented 2-D training slices with their box prompts."""
+    """Augmented 2-D training slices with their box prompts.
 
-    def __init__(self, source: SegSource, input_size: int, prompter: BoxPrompter, augment: JointAugment):
+    With ``cache`` every slice is read, checked and resized once and kept in memory (each loader worker
+    holds its own copy), so later epochs only augment: at 128 px the 1,312 ACDC training slices take
+    86 MB. The cached copy is the same tensor a fresh read gives, so results do not depend on it.
+    """
+
+    def __init__(
+        self,
+        source: SegSource,
+        input_size: int,
+        prompter: BoxPrompter,
+        augment: JointAugment,
+        cache: bool = True,
+    ):
         self.source = source
         self.refs: list[SliceRef] = source.train_slices()
         self.input_size = input_size
         self.prompter = prompter
         self.augment = augment
+        self.cache = cache
+        self._resized: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _load(self, index: int) -> tuple[Tensor, Tensor]:
+        """Image ``(C, S, S)`` float32 and label ``(S, S)`` int64 of slice ``index``, resized."""
+        if index in self._resized:
+            image, label = self._resized[index]
+            return image.clone(), label.clone()
+        ref = self.refs[index]
+        image, label = self.source.load_slice(ref)
+        check_finite(image, f"{self.source.name} case {ref.case_id} slice {ref.slice_index}")
+        image, label = resize_pair(image, label, self.input_size)
+        if self.cache:
+            self._resized[index] = (image.clone(), label.clone())
+        return image, label
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -56,10 +83,7 @@ class TrainSlices(Dataset):
         (the augmentation and box jitter then depend on that seed alone)."""
         index, seed = item if isinstance(item, tuple) else (item, int(torch.randint(0, 2**31 - 1, ())))
         ref = self.refs[index]
-        image, label = self.source.load_slice(ref)
-        check_finite(image, f"{self.source.name} case {ref.case_id} slice {ref.slice_index}")
-        image, label = resize_pair(image, label, self.input_size)
-        image, label = self.augment(image, label, seed)
+        image, label = self.augment(*self._load(index), seed)
         rng = np.random.default_rng(seed)
         sample = {"image": image, "label": label, "case_id": ref.case_id, "slice_index": ref.slice_index}
         sample.update(_prompt_fields(self.prompter, label, ref.case_id, ref.slice_index, rng))
@@ -144,6 +168,7 @@ class SegDataModule(pl.LightningDataModule):
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
         num_workers: loader worker processes (0 loads in the main process).
         seed: the run seed; training order and augmentation follow ``(seed, epoch)``.
+        cache_train_slices: keep the decoded, resized training slices in memory after the first epoch.
     """
 
     def __init__(
@@ -157,8 +182,10 @@ class SegDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        cache_train_slices: bool = True,
     ) -> None:
         super().__init__()
+        self.cache_train_slices = cache_train_slices
         self.source = source
         self.prompter = prompter
         self.augment = JointAugment(augment)
@@ -186,7 +213,9 @@ class SegDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = TrainSlices(self.source, self.input_size, self.prompter, self.augment)
+            self.train_set = TrainSlices(
+                self.source, self.input_size, self.prompter, self.augment, self.cache_train_slices
+            )
             log.info("%s; %d training slices", self.source.describe(), len(self.train_set))
 
     def eval_set(self, split: str) -> EvalSlices:

@@ -36,6 +36,8 @@ class SegmentationModule(pl.LightningModule):
         class_names: foreground class names, in label order.
         run_config: the composed run configuration, stored in checkpoints so that ``eval.py`` can
             rebuild the same model.
+        hd95_every_n_epochs: during training, HD95 (the slow metric) every this many validation epochs
+            and at the last; DSC and IoU every epoch. Scoring outside training always computes it.
     """
 
     def __init__(
@@ -46,8 +48,12 @@ class SegmentationModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         class_names: Sequence[str] = (),
         run_config: dict | None = None,
+        hd95_every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
+        if hd95_every_n_epochs < 1:
+            raise ValueError(f"hd95_every_n_epochs must be >= 1, got {hd95_every_n_epochs}")
+        self.hd95_every_n_epochs = hd95_every_n_epochs
         self.net = net
         self.loss_fn = loss
         self.optimizer_factory = optimizer
@@ -124,7 +130,12 @@ class SegmentationModule(pl.LightningModule):
             for i, target in enumerate(batch["label_orig"])
         ]
         self.seg_metrics[split].update(
-            batch["case_id"], batch["slice_index"], preds, batch["label_orig"], batch["spacing_hw"]
+            batch["case_id"],
+            batch["slice_index"],
+            preds,
+            batch["label_orig"],
+            batch["spacing_hw"],
+            with_hd95=self._hd95_due(),
         )
         self._collect_token_stats(out, batch, split)
 
@@ -144,6 +155,14 @@ class SegmentationModule(pl.LightningModule):
         keep_grid = trace.keep_grids[-1].view(-1, h, w)
         meter.update("fg_token_recall", ids, slices, foreground_token_recall(keep_grid, batch["label"]))
 
+    def _hd95_due(self) -> bool:
+        """HD95 this evaluation epoch: always outside ``fit``, else every n-th epoch and the last."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return True
+        epoch = trainer.current_epoch + 1
+        return epoch % self.hd95_every_n_epochs == 0 or epoch == trainer.max_epochs
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
@@ -159,6 +178,8 @@ class SegmentationModule(pl.LightningModule):
         """
         meter = self.seg_metrics[split].compute()
         metrics = {f"{split}/{k}": float(v) for k, v in meter.compute().items()}
+        if not self._hd95_due():  # left out, not logged as NaN, on the epochs that skip it
+            metrics = {k: v for k, v in metrics.items() if "hd95" not in k}
         with warnings.catch_warnings():  # an unpruned model records no token statistics: that is expected
             warnings.filterwarnings("ignore", message=r".*compute.* was called before the ..update")
             token_stats = self.token_metrics[split].compute()  # on every rank: it is a collective
@@ -168,14 +189,16 @@ class SegmentationModule(pl.LightningModule):
         loggable = {k: v for k, v in metrics.items() if "/counts/" not in k}
         self.log_dict(loggable, sync_dist=True)
         self.last_metrics[split] = metrics
+        hd95 = metrics.get(f"{split}/case/hd95_mean")
+        sparsity = metrics.get(f"{split}/sparsity")
         log.info(
-            "epoch %d %s: mean DSC %.4f, IoU %.4f, HD95 %.2f (per case), sparsity %s",
+            "epoch %d %s: mean DSC %.4f, IoU %.4f, HD95 %s (per case), sparsity %s",
             self.current_epoch,
             split,
             metrics[f"{split}/case/dsc_mean"],
             metrics[f"{split}/case/iou_mean"],
-            metrics[f"{split}/case/hd95_mean"],
-            f"{metrics[f'{split}/sparsity']:.3f}" if f"{split}/sparsity" in metrics else "-",
+            "-" if hd95 is None else f"{hd95:.2f}",
+            "-" if sparsity is None else f"{sparsity:.3f}",
         )
         self.last_per_case[split] = meter.per_case()
 

@@ -171,8 +171,13 @@ def _kind(truth: bool, pred: bool) -> str:
     return "pred_only" if pred else "both_empty"
 
 
-def slice_stats(pred: Tensor, target: Tensor, num_classes: int, spacing_hw: SpacingHW = None) -> SliceStats:
-    """Statistics of one slice: ``pred`` and ``target`` are ``(H, W)`` integer label maps in ``[0, K)``."""
+def slice_stats(
+    pred: Tensor, target: Tensor, num_classes: int, spacing_hw: SpacingHW = None, with_hd95: bool = True
+) -> SliceStats:
+    """Statistics of one slice: ``pred`` and ``target`` are ``(H, W)`` integer label maps in ``[0, K)``.
+
+    ``with_hd95=False`` leaves HD95 NaN (the slow part), for validation epochs that score DSC only.
+    """
     if pred.ndim != 2 or pred.shape != target.shape:
         raise ValueError(
             f"pred and target must be (H, W) label maps of equal shape, got {tuple(pred.shape)}, "
@@ -201,9 +206,10 @@ def slice_stats(pred: Tensor, target: Tensor, num_classes: int, spacing_hw: Spac
     height, width = pred.shape
     diagonal = image_diagonal(height, width, spacing_hw)
     hd95 = np.full(num_classes - 1, np.nan, dtype=np.float64)
-    hd95[pred_present != truth_present] = diagonal
-    both = np.flatnonzero(pred_present & truth_present)
-    hd95[both] = _monai_hd95(p[both], t[both], spacing_hw)
+    if with_hd95:
+        hd95[pred_present != truth_present] = diagonal
+        both = np.flatnonzero(pred_present & truth_present)
+        hd95[both] = _monai_hd95(p[both], t[both], spacing_hw)
     return SliceStats(
         tp=tp.astype(np.int64),
         fp=fp.astype(np.int64),

@@ -140,15 +140,19 @@ class CaseSegmentationMetric(_NamedRowsMetric):
         preds: Sequence[Tensor] | Tensor,
         targets: Sequence[Tensor] | Tensor,
         spacings_hw: Sequence[SpacingHW] | None = None,
+        with_hd95: bool = True,
     ) -> None:
-        """Score a batch of slices: ``preds[i]``, ``targets[i]`` are ``(H_i, W_i)`` integer label maps."""
+        """Score a batch of slices: ``preds[i]``, ``targets[i]`` are ``(H_i, W_i)`` integer label maps
+        (``with_hd95=False``: DSC and IoU only, HD95 left NaN)."""
         n = len(case_ids)
         if len(slice_indices) != n or len(preds) != n or len(targets) != n:
             raise ValueError("case_ids, slice_indices, preds and targets must have the same length")
         spacings = [None] * n if spacings_hw is None else list(spacings_hw)
         if len(spacings) != n:
             raise ValueError("spacings_hw must give one spacing (or None) per item")
-        stats = [slice_stats(preds[i], targets[i], self.num_classes, spacings[i]) for i in range(n)]
+        stats = [
+            slice_stats(preds[i], targets[i], self.num_classes, spacings[i], with_hd95) for i in range(n)
+        ]
         self._add_stats(case_ids, slice_indices, stats)
 
     def _add_stats(

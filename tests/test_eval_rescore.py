@@ -1,0 +1,73 @@
+"""eval.py re-scores a checkpoint under another q, tau, k or prompt where no learned part depends on it,
+refuses clearly where one does, and refuses keys it does not use."""
+
+import json
+
+import pytest
+from conftest import compose_eval, compose_train
+from omegaconf import OmegaConf
+
+from prato_exp.cli.eval import evaluate, rescoring_config
+from prato_exp.cli.train import train
+
+
+def _run_cfg(pruning: str):
+    """A checkpoint's stored run config: resolved, as SegmentationModule saves it."""
+    return OmegaConf.create(OmegaConf.to_container(compose_train([f"pruning={pruning}"]), resolve=True))
+
+
+def test_a_percentile_preset_changes_only_q_of_the_trained_prato():
+    cfg = rescoring_config(compose_eval(["ckpt=x", "pruning=percentile50"]), _run_cfg("percentile25"))
+    assert (cfg.pruning.q, cfg.model.pruner.q) == (50, 50)
+    assert cfg.pruning.k == _run_cfg("percentile25").pruning.k
+
+
+def test_a_fixed_threshold_replaces_the_percentile_of_the_trained_prato():
+    cfg = rescoring_config(compose_eval(["ckpt=x", "threshold=fixed0.3"]), _run_cfg("percentile25"))
+    assert (cfg.model.pruner.threshold, cfg.model.pruner.tau, cfg.model.pruner.q) == ("fixed", 0.3, None)
+
+
+def test_roialign_k_can_change_at_evaluation():
+    cfg = rescoring_config(compose_eval(["ckpt=x", "+pruning.k=7"]), _run_cfg("percentile25"))
+    assert cfg.model.pruner.k == 7
+
+
+def test_a_pruner_with_a_learned_part_refuses_a_new_budget():
+    with pytest.raises(ValueError, match="DynamicViTPruner has no re-scorable key"):
+        rescoring_config(compose_eval(["ckpt=x", "+pruning.q=50"]), _run_cfg("dynamicvit"))
+
+
+def test_another_pruner_is_refused():
+    with pytest.raises(ValueError, match="not under another pruner"):
+        rescoring_config(compose_eval(["ckpt=x", "pruning=random"]), _run_cfg("percentile25"))
+
+
+def test_a_key_prato_cannot_change_names_the_keys_that_can():
+    with pytest.raises(ValueError, match=r"pruning.query='naive'.*re-scorable keys of PrATo"):
+        rescoring_config(compose_eval(["ckpt=x", "+pruning.query=naive"]), _run_cfg("percentile25"))
+
+
+def test_a_key_eval_does_not_use_is_an_error():
+    with pytest.raises(ValueError, match=r"eval.py does not use \['model'\]"):
+        rescoring_config(compose_eval(["ckpt=x", "+model.hidden_size=384"]), _run_cfg("percentile25"))
+
+
+def test_rescoring_a_trained_checkpoint_at_q50_prunes_twice_as_many_tokens(tmp_path):
+    tiny = ["model.img_size=32", "datamodule.batch_size=4", "dataset.size=48", "dataset.num_train=8"]
+    tiny += [
+        "dataset.num_val=2",
+        "dataset.num_test=0",
+        "efficiency.flop_images=1",
+        "efficiency.latency_repeats=2",
+    ]
+    tiny += ["logger=none", "trainer.max_epochs=1"]
+    results = train(compose_train([*tiny, "pruning=percentile25"]), tmp_path / "run")
+    ckpt = results["last_checkpoint"]
+    data = ["dataset=synthetic_cardiac", "dataset.size=48", "dataset.num_train=8", "dataset.num_val=2"]
+    data += ["dataset.num_test=0", "num_overlays=1"]
+    at_50 = evaluate(compose_eval([f"ckpt={ckpt}", *data, "pruning=percentile50"]), tmp_path / "q50")
+    at_25 = evaluate(compose_eval([f"ckpt={ckpt}", *data]), tmp_path / "q25")
+    assert at_25["metrics"]["val/sparsity"] == pytest.approx(0.25, abs=0.03)
+    assert at_50["metrics"]["val/sparsity"] == pytest.approx(0.50, abs=0.03)
+    stored = json.loads((tmp_path / "q50" / "metrics.json").read_text())
+    assert stored["metrics"]["val/sparsity"] == at_50["metrics"]["val/sparsity"]
