@@ -151,3 +151,9 @@ def test_recipe_table_reads_what_the_run_wrote(trained_run, tmp_path):
     assert row["augment"] == "Flip+Rotate+Zoom+ScaleIntensity+ShiftIntensity"
     assert main([str(trained_run), "--out", str(tmp_path / "t.md")]) == 0
     assert f"{metrics['test']['test/case/dsc_mean']:.4f}" in (tmp_path / "t.md").read_text()
+
+
+def test_metrics_json_keeps_the_learning_curve(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert [p["epoch"] for p in metrics["val_history"]] == [1, 2]
+    assert all(0.0 <= p["dsc_mean"] <= 1.0 for p in metrics["val_history"])

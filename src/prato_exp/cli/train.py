@@ -114,6 +114,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             samples_seen / train_seconds if train_seconds > 0 and not cfg.get("ckpt_path") else None
         ),
         "epochs_run": trainer.current_epoch,
+        "val_history": module.val_history,
         "splits": {k: len(v) for k, v in source.split_ids().items()},
         "environment": env,
     }

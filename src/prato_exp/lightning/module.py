@@ -69,6 +69,8 @@ class SegmentationModule(pl.LightningModule):
         self.token_metrics = nn.ModuleDict({split: ImageMeanMetric() for split in ("val", "test")})
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.last_per_case: dict[str, list[dict[str, Any]]] = {}
+        # the learning curve: one entry per validation epoch during fit (epoch, mean DSC, IoU, HD95)
+        self.val_history: list[dict[str, float]] = []
 
     def forward(self, image: Tensor, box_xyxy: Tensor, prune_enabled: Tensor | None = None) -> SegOutput:
         return self.net(image, box_xyxy, prune_enabled)
@@ -201,6 +203,18 @@ class SegmentationModule(pl.LightningModule):
             "-" if sparsity is None else f"{sparsity:.3f}",
         )
         self.last_per_case[split] = meter.per_case()
+        trainer = self._trainer
+        if (
+            split == "val"
+            and trainer is not None
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+        ):
+            point = {"epoch": self.current_epoch + 1, "dsc_mean": metrics["val/case/dsc_mean"]}
+            point["iou_mean"] = metrics["val/case/iou_mean"]
+            if hd95 is not None:
+                point["hd95_mean"] = hd95
+            self.val_history.append(point)
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")

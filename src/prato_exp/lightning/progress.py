@@ -92,8 +92,15 @@ class LineProgressBar(ProgressBar):
         self.print(f"{what} done in {_clock(time.perf_counter() - self._phase_started)}")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._start(f"validating (epoch {trainer.current_epoch + 1})", self.total_val_batches)
+        if trainer.sanity_checking:
+            return
+        during_fit = trainer.state.fn == "fit"
+        what = (
+            f"validating (epoch {trainer.current_epoch + 1})"
+            if during_fit
+            else "scoring the validation split"
+        )
+        self._start(what, self.total_val_batches)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
