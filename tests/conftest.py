@@ -21,6 +21,8 @@ from prato_exp.pruning.tram import TRAMPruner
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# W&B would otherwise take over the process's stdout to mirror it into the run, swallowing pytest's report
+os.environ.setdefault("WANDB_CONSOLE", "off")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ACDC_ROOT = Path(os.environ.get("PRATO_ACDC_ROOT", SHARED_DATA / "acdc_ssl4mis"))
