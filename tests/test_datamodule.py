@@ -50,17 +50,22 @@ def test_split_ids_are_written(tmp_path):
     assert path.exists() and "val" in path.read_text()
 
 
-def test_cached_training_slices_equal_fresh_reads_and_are_read_once():
+def test_cached_training_slices_equal_fresh_reads():
     cached = _datamodule("datamodule.cache_train_slices=true")
     fresh = _datamodule("datamodule.cache_train_slices=false")
-    reads = []
-    load = cached.train_set.source.load_slice
-    cached.train_set.source.load_slice = lambda ref: reads.append(ref) or load(ref)
     for _ in range(2):
         a, b = cached.train_set[(3, 11)], fresh.train_set[(3, 11)]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
         assert torch.equal(a["box_xyxy"], b["box_xyxy"])
-    assert len(reads) == 1
+
+
+def test_cached_training_slices_are_decoded_at_setup_and_never_read_again():
+    dm = _datamodule("datamodule.cache_train_slices=true")
+    reads = []
+    dm.train_set.source.load_slice = lambda ref: reads.append(ref)
+    for index in range(len(dm.train_set)):
+        dm.train_set[(index, 0)]
+    assert reads == []
 
 
 def test_changing_a_served_sample_leaves_the_cache_untouched():
@@ -69,3 +74,19 @@ def test_changing_a_served_sample_leaves_the_cache_untouched():
     first["image"].add_(100.0)
     expected = _datamodule("datamodule.cache_train_slices=false").train_set[(0, 1)]["image"]
     assert torch.equal(dm.train_set[(0, 1)]["image"], expected)
+
+
+def test_joint_augment_flips_image_and_mask_together_as_plain_tensors():
+    from monai.data import get_track_meta
+    from monai.transforms import RandFlipd
+
+    from prato_exp.data.transforms import JointAugment
+
+    image = torch.arange(12.0).view(1, 3, 4)
+    label = (torch.arange(12) % 3).view(3, 4)
+    augment = JointAugment([RandFlipd(keys=["image", "label"], prob=1.0, spatial_axis=1)])
+    out_image, out_label = augment(image, label, seed=0)
+    assert torch.equal(out_image, image.flip(-1)) and torch.equal(out_label, label.flip(-1))
+    assert type(out_image) is torch.Tensor and type(out_label) is torch.Tensor
+    assert out_label.dtype == torch.int64
+    assert get_track_meta()

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from prato_exp.metrics.segmentation import (
@@ -11,6 +12,7 @@ from prato_exp.metrics.segmentation import (
     hd95_binary,
     image_diagonal,
     slice_stats,
+    upsampled_argmax,
 )
 
 
@@ -205,3 +207,12 @@ def test_dsc_only_scoring_leaves_hd95_nan_and_the_rest_equal():
     fast = slice_stats(pred, target, 3, with_hd95=False)
     assert np.isnan(fast.hd95).all() and full.hd95[0] > 0
     assert np.array_equal(full.dsc, fast.dsc, equal_nan=True)
+
+
+def test_eval_predictions_resized_together_equal_per_image_resizing():
+    logits = torch.randn(5, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sizes = [(40, 30), (24, 24), (40, 30), (17, 50), (24, 24)]
+    preds = upsampled_argmax(logits, sizes)
+    for i, size in enumerate(sizes):
+        expected = F.interpolate(logits[i : i + 1], size=size, mode="bilinear").argmax(1)[0]
+        assert torch.equal(preds[i], expected)

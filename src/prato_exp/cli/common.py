@@ -92,6 +92,12 @@ def check_run_config(cfg: DictConfig) -> nn.Module:
     """
     if not isinstance(cfg.get("box_channel", False), bool):
         raise ValueError(f"box_channel must be true or false, got {cfg.box_channel!r}")
+    limit_val = OmegaConf.select(cfg, "trainer.limit_val_batches", default=None)
+    if limit_val is not None and float(limit_val) == 0:
+        raise ValueError(
+            "trainer.limit_val_batches=0 is not supported: every run keeps its validation curve and is "
+            "scored on the validation split; give a fraction or a batch count above 0"
+        )
     net = build_net(cfg.model, source_class(cfg.dataset), cfg.get("box_channel", False))
     instantiate(cfg.prompt)
     return net

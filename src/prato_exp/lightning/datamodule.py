@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,14 @@ class TrainSlices(Dataset):
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    def preload(self) -> float:
+        """Decode and resize every slice into the cache now (before training, so that no epoch pays for
+        it and throughput counts training alone); return the seconds it took."""
+        started = time.perf_counter()
+        for index in range(len(self.refs)):
+            self._load(index)
+        return time.perf_counter() - started
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         """One augmented slice; ``item`` is an index, or ``(index, seed)`` from :class:`EpochSampler`
@@ -168,7 +177,7 @@ class SegDataModule(pl.LightningDataModule):
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
         num_workers: loader worker processes (0 loads in the main process).
         seed: the run seed; training order and augmentation follow ``(seed, epoch)``.
-        cache_train_slices: keep the decoded, resized training slices in memory after the first epoch.
+        cache_train_slices: decode and resize every training slice once, at setup, and keep it in memory.
     """
 
     def __init__(
@@ -217,6 +226,9 @@ class SegDataModule(pl.LightningDataModule):
                 self.source, self.input_size, self.prompter, self.augment, self.cache_train_slices
             )
             log.info("%s; %d training slices", self.source.describe(), len(self.train_set))
+            if self.cache_train_slices:
+                log.info("decoding the training slices into memory ...")
+                log.info("decoded in %.1f s", self.train_set.preload())
 
     def eval_set(self, split: str) -> EvalSlices:
         """The evaluation dataset of ``split`` (``val`` or ``test``), loaded once."""

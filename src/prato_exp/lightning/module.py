@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prato_exp.metrics.segmentation import foreground_token_recall
+from prato_exp.metrics.segmentation import foreground_token_recall, upsampled_argmax
 from prato_exp.metrics.synced import CaseSegmentationMetric, ImageMeanMetric
 from prato_exp.models.base import SegOutput
 from prato_exp.pruning.base import TokenPruner
@@ -127,10 +127,7 @@ class SegmentationModule(pl.LightningModule):
         total, out, _ = self.model_step(batch)
         bs = batch["image"].shape[0]
         self.log(f"{split}/loss", total, batch_size=bs, sync_dist=True)
-        preds = [
-            F.interpolate(out.logits[i : i + 1].float(), size=target.shape, mode="bilinear").argmax(1)[0]
-            for i, target in enumerate(batch["label_orig"])
-        ]
+        preds = upsampled_argmax(out.logits, [tuple(t.shape) for t in batch["label_orig"]])
         self.seg_metrics[split].update(
             batch["case_id"],
             batch["slice_index"],

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.metrics import compute_hausdorff_distance
 from torch import Tensor
 
@@ -42,6 +43,7 @@ __all__ = [
     "image_diagonal",
     "iou_from_counts",
     "slice_stats",
+    "upsampled_argmax",
 ]
 
 SpacingHW = tuple[float, float] | None
@@ -425,3 +427,15 @@ def foreground_token_recall(keep_grid: Tensor, target: Tensor) -> Tensor:
     n_fg = fg.flatten(1).sum(1).double()
     n_kept = (fg & keep).flatten(1).sum(1).double()
     return torch.where(n_fg > 0, n_kept / n_fg.clamp_min(1), torch.full_like(n_fg, float("nan")))
+
+
+def upsampled_argmax(logits: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """Class maps of ``logits`` ``(B, K, h, w)`` resized bilinearly to each image's own ``sizes[i]``:
+    a list of ``(H_i, W_i)`` int64 maps, images of one size resized together."""
+    preds: list[Tensor | None] = [None] * len(sizes)
+    for size in dict.fromkeys(sizes):
+        index = [i for i, s in enumerate(sizes) if s == size]
+        maps = F.interpolate(logits[index].float(), size=size, mode="bilinear").argmax(1)
+        for i, pred in zip(index, maps, strict=True):
+            preds[i] = pred
+    return preds

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.metrics import compute_hausdorff_distance
 from torch import Tensor, nn
+
+from prato_exp.metrics.segmentation import upsampled_argmax
 
 SpacingDHW = tuple[float, float, float] | None
 
@@ -88,10 +89,12 @@ def volume_hd95_rows(
     slices: dict[str, dict[int, tuple[Tensor, Tensor]]] = defaultdict(dict)
     for batch in batches:
         out = net(*(batch[k].to(device) for k in ("image", "box_xyxy", "prune_enabled")))
-        for i, target in enumerate(batch["label_orig"]):
-            logits = F.interpolate(out.logits[i : i + 1].float(), size=target.shape, mode="bilinear")
-            pred = logits.argmax(1)[0].to("cpu", torch.uint8)
-            slices[batch["case_id"][i]][int(batch["slice_index"][i])] = (pred, target.to(torch.uint8))
+        preds = upsampled_argmax(out.logits, [tuple(t.shape) for t in batch["label_orig"]])
+        for i, (pred, target) in enumerate(zip(preds, batch["label_orig"], strict=True)):
+            slices[batch["case_id"][i]][int(batch["slice_index"][i])] = (
+                pred.to("cpu", torch.uint8),
+                target.to(torch.uint8),
+            )
     net.train(was_training)
     rows: dict[str, dict[str, float]] = {}
     for case_id, by_index in slices.items():
