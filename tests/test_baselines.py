@@ -10,16 +10,16 @@ from timm.models.vision_transformer import Block
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.base import PruningTrace, merge_early_exits
-from prato_exp.models.block_ops import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PrunerContext, pruning_disabled
+from prato_exp.pruning.budget import percentile_keep_count
 from prato_exp.pruning.dtop import DToPPruner, exit_mask
 from prato_exp.pruning.dynamicvit import DynamicViTPruner, policy_weights
 from prato_exp.pruning.evovit import EvoViTPruner, received_attention
-from prato_exp.pruning.prato import percentile_keep_count
 from prato_exp.pruning.random_mask import RandomPruner
 from prato_exp.pruning.stp import STPPruner
 from prato_exp.pruning.tram import TRAMPruner, layer_relevance
+from prato_exp.tokens.blocks import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
 
 SIZE = 64  # 4 x 4 = 16 tokens
 CONTEXT = PrunerContext(num_classes=3, grid_hw=(4, 4), depth=12)

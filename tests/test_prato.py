@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from prato_exp.pruning.budget import fixed_keep, percentile_keep
 from prato_exp.pruning.prato import (
     PrATo,
     entropy_weights,
-    fixed_keep,
     naive_query_mask,
-    percentile_keep,
     query_entropy,
     roialign_queries,
     tokens_to_grid,

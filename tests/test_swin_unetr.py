@@ -11,9 +11,9 @@ from monai.networks.nets.swin_unetr import window_partition
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.swin_unetr import PrunableSwinUNETR
-from prato_exp.models.window_ops import merge_2x2, window_layout
 from prato_exp.pruning.base import PruneResult, TokenPruner
 from prato_exp.pruning.prato import PrATo
+from prato_exp.tokens.windows import merge_2x2, window_layout
 
 SIZE = 64  # stage grids 32, 16, 8, 4; PrATo after stage 1 sees the 16 x 16 grid
 FEATURES = 12

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from prato_exp.models.base import PruningTrace
-from prato_exp.models.block_ops import MonaiBlockParts, PartsFactory, key_bias, run_parts
-from prato_exp.models.token_ops import (
+from prato_exp.pruning.base import NoPruner, PrunerContext, PruneResult, TokenPruner
+from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, key_bias, run_parts
+from prato_exp.tokens.token_set import (
     AliveTokens,
     gather_kept,
     gather_slots,
@@ -24,7 +25,6 @@ from prato_exp.models.token_ops import (
     kept_order,
     scatter_to_grid,
 )
-from prato_exp.pruning.base import NoPruner, PrunerContext, PruneResult, TokenPruner
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""

@@ -55,9 +55,9 @@ from transformers.models.segformer.modeling_segformer import (
 
 from prato_exp.models.base import PruningTrace, SegOutput
 from prato_exp.models.plain_vit import exempt_and_scale
-from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, PruneResult, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.tokens.token_set import AliveTokens, gather_kept, scatter_to_grid
 
 AttnImplementation = Literal["eager", "sdpa"]
 

@@ -51,9 +51,10 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import PruningTrace, SegOutput
 from prato_exp.models.plain_vit import apply_pruner
-from prato_exp.models.token_ops import AliveTokens, gather_kept, scatter_to_grid
 from prato_exp.models.weights import load_pretrained
-from prato_exp.models.window_ops import (
+from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.tokens.token_set import AliveTokens, gather_kept, scatter_to_grid
+from prato_exp.tokens.windows import (
     WindowBatch,
     gather_windows,
     merge_2x2,
@@ -62,7 +63,6 @@ from prato_exp.models.window_ops import (
     window_batch,
     window_layout,
 )
-from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
 
 NUM_STAGES = 4
 

@@ -30,7 +30,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput, merge_early_exits
-from prato_exp.models.block_ops import TimmBlockParts
 from prato_exp.models.plain_vit import (
     assembler_names,
     build_pruners,
@@ -40,6 +39,7 @@ from prato_exp.models.plain_vit import (
 )
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory
+from prato_exp.tokens.blocks import TimmBlockParts
 
 _BOTTLE_RATIO = 0.25  # ResNetV2's bottleneck width
 

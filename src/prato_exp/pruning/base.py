@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from prato_exp.models.block_ops import BlockParts
+    from prato_exp.tokens.blocks import BlockParts
 
 PruneMode = Literal["drop", "mask", "zero_once"]
 FillMode = Literal["zero", "carry"]

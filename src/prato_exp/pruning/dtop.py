@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from prato_exp.models.token_ops import write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.tokens.token_set import write_to_grid
 
 
 def exit_mask(probs: Tensor, valid: Tensor, p0: float, k_keep: int) -> Tensor:

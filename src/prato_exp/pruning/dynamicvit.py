@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prato_exp.models.block_ops import BlockParts, WeightsFn
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
+from prato_exp.tokens.blocks import BlockParts, WeightsFn
 
 
 def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:

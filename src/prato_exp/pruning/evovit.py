@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prato_exp.models.block_ops import BlockParts, key_bias
-from prato_exp.models.token_ops import AliveTokens, gather_slots, kept_order, scatter_to_grid, write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
+from prato_exp.tokens.blocks import BlockParts, key_bias
+from prato_exp.tokens.token_set import AliveTokens, gather_slots, kept_order, scatter_to_grid, write_to_grid
 
 
 def received_attention(weights: Tensor, valid: Tensor) -> Tensor:

@@ -42,7 +42,6 @@ Choices beyond the spec, made here:
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.budget import fixed_keep, percentile_keep
 
 ThresholdMode = Literal["percentile", "fixed"]
 QueryMode = Literal["roialign", "naive"]
@@ -284,61 +284,6 @@ def prato_scores(
     rel = relevance(sim, weights, query_mask).masked_fill(~valid, 0.0)
     scores = torch.sigmoid(rel).masked_fill(~valid, 0.0)
     return PratoScores(sim, ent, weights, rel, scores)
-
-
-def descending_rank(scores: Tensor, valid: Tensor) -> Tensor:
-    """``(B, N)`` rank of each valid token by score, 0 for the highest (ties by slot index)."""
-    keyed = scores.detach().float().masked_fill(~valid, -math.inf)
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
-    arange = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, arange)
-
-
-def percentile_keep_count(n: Tensor, q: float) -> Tensor:
-    """``n - floor(q n / 100)``, computed exactly in integers.
-
-    Args:
-        n: ``(B,)`` long, valid tokens per image.
-        q: percentile to prune, in ``(0, 100)``.
-
-    Returns:
-        ``(B,)`` long, tokens to keep.
-    """
-    frac = Fraction(q).limit_denominator(10**6)
-    return n - torch.div(n * frac.numerator, 100 * frac.denominator, rounding_mode="floor")
-
-
-def percentile_keep(scores: Tensor, valid: Tensor, q: float, min_keep: int = 1) -> Tensor:
-    """Keep the top ``n - floor(q n / 100)`` valid tokens of each image by score (a top-k).
-
-    Args:
-        scores: ``(B, N)`` scores.
-        valid: ``(B, N)`` bool, False on padding slots (never kept, not counted in ``n``).
-        q: percentile to prune, in ``(0, 100)``.
-        min_keep: at least ``min(min_keep, n)`` tokens are kept.
-
-    Returns:
-        ``(B, N)`` bool keep mask.
-    """
-    n = valid.sum(dim=1)
-    count = torch.maximum(percentile_keep_count(n, q), n.clamp(max=min_keep))
-    return (descending_rank(scores, valid) < count[:, None]) & valid
-
-
-def fixed_keep(scores: Tensor, valid: Tensor, tau: float, min_keep: int = 1) -> Tensor:
-    """Eq. 5: keep the valid tokens with ``s > tau``, and at least the ``min_keep`` best.
-
-    Args:
-        scores: ``(B, N)`` scores ``s``.
-        valid: ``(B, N)`` bool, False on padding slots (never kept).
-        tau: threshold in ``(0, 1)``.
-        min_keep: at least ``min(min_keep, n)`` tokens are kept, the highest-scoring.
-
-    Returns:
-        ``(B, N)`` bool keep mask.
-    """
-    forced = descending_rank(scores, valid) < min_keep
-    return ((scores > tau) | forced) & valid
 
 
 class PrATo(TokenPruner):

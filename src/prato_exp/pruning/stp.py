@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from prato_exp.models.token_ops import write_to_grid
 from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
+from prato_exp.tokens.token_set import write_to_grid
 
 
 def sincos_2d(grid_hw: tuple[int, int], dim: int) -> Tensor:

@@ -1,7 +1,7 @@
 """Tensor helpers for (shifted) window attention on a pruned token set, and 2 x 2 patch merging.
 
 A Swin stage keeps its tokens as ``tokens`` ``(B, N, C)`` with grid ``positions`` ``(B, N)`` and
-``valid`` ``(B, N)`` (see :mod:`prato_exp.models.token_ops`). Window attention needs the grid, so these
+``valid`` ``(B, N)`` (see :mod:`prato_exp.tokens.token_set`). Window attention needs the grid, so these
 helpers map each token to its slot in the windows of the padded, cyclically shifted grid, the layout of
 MONAI's ``window_partition(torch.roll(x, -shift))``, and gather only the windows holding a token.
 """

@@ -2,7 +2,7 @@
 
 import torch
 
-from prato_exp.models.token_ops import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid, write_to_grid
+from prato_exp.tokens.token_set import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid, write_to_grid
 
 
 def _grid_tokens(b: int = 2, z: int = 6, c: int = 3) -> torch.Tensor:
