@@ -126,6 +126,7 @@ MISSING_DATA = [
         (["pruning=percentile25", "pruning.min_keep=0"], r"pruning.min_keep must be >= 1"),
         (["prompt.condition=tihgt"], r"unknown box condition 'tihgt'"),
         (["eval_checkpoint=best_ever"], r"eval_checkpoint must be one of \('auto', 'best', 'last'\)"),
+        (["+trainer.limit_val_batches=0"], r"trainer.limit_val_batches=0 is not supported"),
     ],
 )
 def test_a_bad_config_value_fails_before_the_data_is_looked_at(tmp_path, overrides, message):
