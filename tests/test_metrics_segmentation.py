@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from prato_exp.metrics.segmentation import (
     SegmentationMeter,
     foreground_token_recall,
     hd95_binary,
+    hd95_surface,
     image_diagonal,
     slice_stats,
     upsampled_argmax,
@@ -91,6 +93,45 @@ def test_hd95_matches_independent_scipy_computation_on_blobs():
         b = ndimage.binary_opening(rng.random((24, 20)) > 0.5)
         got = hd95_binary(torch.from_numpy(a), torch.from_numpy(b), (1.5, 0.7))
         assert got == pytest.approx(_reference_hd95(a, b, (1.5, 0.7)), rel=1e-5)
+
+
+def _monai_hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...] | None) -> float:
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(
+            torch.from_numpy(a)[None, None].float(),
+            torch.from_numpy(b)[None, None].float(),
+            include_background=True,
+            percentile=95,
+            spacing=None if spacing is None else list(spacing),
+        )
+    return float(hd.reshape(-1)[0])
+
+
+@pytest.mark.parametrize("spacing", [None, (1.5, 0.7)])
+def test_hd95_surface_equals_monai_on_2d_blobs_touching_the_border(spacing):
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        a = ndimage.binary_opening(rng.random((30, 26)) > 0.45)
+        b = ndimage.binary_opening(rng.random((30, 26)) > 0.45)
+        a[0, :4] = b[-1, -3:] = True  # edges on the image border, where the crop margin is outside
+        assert hd95_surface(a, b, spacing) == pytest.approx(_monai_hd95(a, b, spacing), rel=1e-6)
+
+
+def test_hd95_surface_equals_monai_on_anisotropic_3d_volumes():
+    rng = np.random.default_rng(2)
+    a = ndimage.binary_opening(rng.random((5, 20, 18)) > 0.5)
+    b = ndimage.binary_opening(rng.random((5, 20, 18)) > 0.5)
+    spacing = (10.0, 1.25, 1.25)
+    assert hd95_surface(a, b, spacing) == pytest.approx(_monai_hd95(a, b, spacing), rel=1e-6)
+
+
+def test_hd95_surface_of_single_pixels_is_their_distance():
+    a, b = np.zeros((9, 9), bool), np.zeros((9, 9), bool)
+    a[1, 1], b[4, 5] = True, True
+    assert hd95_surface(a, b, (2.0, 1.0)) == pytest.approx(math.hypot(3 * 2.0, 4 * 1.0))
 
 
 def test_classes_are_scored_separately():
@@ -216,3 +257,10 @@ def test_eval_predictions_resized_together_equal_per_image_resizing():
     for i, size in enumerate(sizes):
         expected = F.interpolate(logits[i : i + 1], size=size, mode="bilinear").argmax(1)[0]
         assert torch.equal(preds[i], expected)
+
+
+def test_eval_predictions_take_the_first_class_on_ties():
+    logits = torch.zeros(2, 4, 8, 8)
+    logits[:, 2:] = 1.0  # classes 2 and 3 tie for the maximum
+    preds = upsampled_argmax(logits, [(8, 8), (8, 8)])
+    assert all(bool((p == 2).all()) for p in preds)

@@ -10,17 +10,15 @@ exactly one empty is the volume's diagonal.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 from torch import Tensor, nn
 
-from prato_exp.metrics.segmentation import upsampled_argmax
+from prato_exp.metrics.segmentation import hd95_surface, upsampled_argmax
 
 SpacingDHW = tuple[float, float, float] | None
 
@@ -51,16 +49,7 @@ def hd95_volume(pred: Tensor, target: Tensor, num_classes: int, spacing_dhw: Spa
         if p_any != t_any:
             out[k - 1] = diagonal
         elif p_any:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                hd = compute_hausdorff_distance(
-                    p[None, None].float(),
-                    t[None, None].float(),
-                    include_background=True,
-                    percentile=95,
-                    spacing=list(spacing_dhw) if spacing_dhw is not None else None,
-                )
-            out[k - 1] = float(hd.reshape(-1)[0])
+            out[k - 1] = hd95_surface(p.cpu().numpy(), t.cpu().numpy(), spacing_dhw)
     return out
 
 
