@@ -114,7 +114,7 @@ def test_percentile_pruning_sparsity_matches_configuration():
 
 
 def test_pruning_the_last_stage_gives_exactly_the_configured_sparsity():
-    out = _net(partial(PrATo, q=25), prune_at_stage=4)(*_inputs())
+    out = _net(partial(PrATo, q=25), prune_after=[3])(*_inputs())
     # 2 x 2 = 4 tokens, 1 pruned; the last stage is the only one after the point
     torch.testing.assert_close(out.trace.sparsity(), torch.tensor([0.25, 0.25]))
 
@@ -129,7 +129,7 @@ def test_exempt_images_keep_all_tokens():
 def test_ste_trains_pruner_projections_through_the_task_loss():
     net = _net(partial(PrATo, q=25))
     net(*_inputs()).logits.square().mean().backward()
-    pruner = net.pruners["2"]
+    pruner = net.pruners["1"]
     assert pruner.f1.weight.grad is not None and pruner.f1.weight.grad.abs().sum() > 0
     assert pruner.f2.weight.grad.abs().sum() > 0
 
@@ -202,7 +202,8 @@ def test_pruned_part_names_the_stages_after_the_point():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prune_at_stage": 5}, "prune_at_stage"),
+        ({"prune_after": [4]}, "prune_after"),
+        ({"prune_after": [1, 2]}, "one stage count"),
         ({"patch_sizes": (7, 3, 4, 3)}, "odd patch sizes"),
         ({"img_size": 16}, "img_size"),
         ({"strides": (4, 2, 2)}, "one entry per stage"),

@@ -228,7 +228,11 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"prune_after_stage": 4}, "prune_after_stage"), ({"img_size": 48}, "divisible by 32")],
+    [
+        ({"prune_after": [4]}, "prune_after"),
+        ({"prune_after": [1, 2]}, "one stage"),
+        ({"img_size": 48}, "divisible by 32"),
+    ],
 )
 def test_rejects_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -240,4 +244,4 @@ def test_configs_give_the_paper_size_and_a_small_preset():
     assert (paper.img_size, paper.feature_size, paper.window_size) == (224, 48, 7)
     assert list(paper.depths) == [2, 2, 2, 2] and list(paper.num_heads) == [3, 6, 12, 24]
     small = compose_train(["model=swin_unetr_small"]).model
-    assert small.img_size == 128 and small.prune_after_stage == 1
+    assert small.img_size == 128 and list(small.prune_after) == [1]

@@ -2,10 +2,10 @@
 
 The wrapper owns an unmodified :class:`transformers.SegformerForSemanticSegmentation` built offline from a
 ``SegformerConfig`` (random init, eager attention so ``FlopCounterMode`` sees it) and iterates its stages
-and blocks itself. The pruner runs once, on the tokens of the overlapping patch embedding of stage
-``prune_at_stage`` (default 2, the 1/8 scale of spec section 3); that stage and every later one run on kept
-tokens. With the ``none`` pruner every library module runs unchanged, so the logits equal the library's
-(upsampled to the input size as :meth:`PrunableSegFormer.forward` does).
+and blocks itself. The pruner runs once, on the tokens of the overlapping patch embedding of stage 2 by
+default (the 1/8 scale of spec section 3; set as ``prune_after=[1]``: after stage 1); that stage and every
+later one run on kept tokens. With the ``none`` pruner every library module runs unchanged, so the logits
+equal the library's (upsampled to the input size as :meth:`PrunableSegFormer.forward` does).
 
 What ``drop`` executes per block, on the kept tokens only (gather/scatter):
 
@@ -232,8 +232,10 @@ class PrunableSegFormer(nn.Module):
         decoder_hidden_size: width of the all-MLP decoder.
         drop_path_rate, classifier_dropout_prob: passed to ``SegformerConfig``.
         attn_implementation: ``"eager"`` (``FlopCounterMode`` counts it) or ``"sdpa"``.
-        prune_at_stage: 1-based stage on whose patch-embedding tokens the pruner runs; that stage and
-            every later one run on kept tokens.
+        prune_after: the pruning point as one 1-based stage count, the key every backbone shares (blocks
+            in plain ViTs, stages in hierarchical ones): ``[s]`` prunes the tokens of stage ``s + 1``'s
+            patch embedding (``[0]``: the first stage's), so stages ``s + 1 ..`` run on kept tokens.
+            One point only (a list of length 1).
         pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None means no pruning.
         pretrained: optional local path of a ``SegformerForSemanticSegmentation`` state dict.
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
@@ -259,7 +261,7 @@ class PrunableSegFormer(nn.Module):
         drop_path_rate: float = 0.1,
         classifier_dropout_prob: float = 0.1,
         attn_implementation: AttnImplementation = "eager",
-        prune_at_stage: int = 2,
+        prune_after: Sequence[int] = (1,),
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
@@ -275,6 +277,7 @@ class PrunableSegFormer(nn.Module):
             "mlp_ratios": mlp_ratios,
         }
         stages = {name: tuple(int(v) for v in values) for name, values in per_stage.items()}
+        prune_at_stage = _stage_of_point(prune_after, len(stages["depths"]))
         _check_stages(stages, img_size, prune_at_stage)
         if attn_implementation not in ("eager", "sdpa"):
             raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
@@ -298,6 +301,7 @@ class PrunableSegFormer(nn.Module):
         self.img_size = img_size
         self.depths = stages["depths"]
         self.strides = stages["strides"]
+        self.prune_after = (prune_at_stage - 1,)
         self.prune_at_stage = prune_at_stage
         for stage in self.stages[prune_at_stage - 1 :]:
             for block in stage.blocks:
@@ -310,7 +314,7 @@ class PrunableSegFormer(nn.Module):
                 f"{type(point).__name__} needs the previous block's attention, which SegFormer does not have "
                 "at a patch embedding (its tokens are new there)"
             )
-        self.pruners = nn.ModuleDict({str(prune_at_stage): point})
+        self.pruners = nn.ModuleDict({str(prune_at_stage - 1): point})
         if pretrained:
             load_pretrained(self.segformer, pretrained, ignore=pretrained_ignore)
 
@@ -326,7 +330,7 @@ class PrunableSegFormer(nn.Module):
 
         Returns logits ``(B, K, H, W)``: the decoder's 1/4-scale logits upsampled bilinearly.
         """
-        pruner: TokenPruner = self.pruners[str(self.prune_at_stage)]
+        pruner: TokenPruner = self.pruners[str(self.prune_after[0])]
         active = pruner.active
         if active and box_xyxy is None:
             raise ValueError("a box prompt (box_xyxy) is required when a pruner is active")
@@ -434,6 +438,17 @@ class PrunableSegFormer(nn.Module):
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _stage_of_point(prune_after: Sequence[int], num_stages: int) -> int:
+    """The 1-based stage whose patch-embedding tokens ``prune_after = [s]`` prunes (``s + 1``)."""
+    points = list(prune_after)
+    if len(points) != 1 or not 0 <= points[0] < num_stages:
+        raise ValueError(
+            f"SegFormer's prune_after must be one stage count in 0..{num_stages - 1} (the tokens of the next "
+            f"stage's patch embedding are pruned), got {points}"
+        )
+    return int(points[0]) + 1
+
+
 def _check_stages(stages: dict[str, tuple[int, ...]], img_size: int, prune_at_stage: int) -> None:
     """Raise a ValueError naming the setting when the per-stage configuration cannot run."""
     num_stages = len(stages["depths"])
@@ -443,8 +458,6 @@ def _check_stages(stages: dict[str, tuple[int, ...]], img_size: int, prune_at_st
     bad = {name: list(v) for name, v in stages.items() if min(v) < 1}
     if bad:
         raise ValueError(f"per-stage settings must be positive integers, got {bad}")
-    if not 1 <= prune_at_stage <= num_stages:
-        raise ValueError(f"prune_at_stage must be a 1-based stage in 1..{num_stages}, got {prune_at_stage}")
     for stage, (c, heads) in enumerate(
         zip(stages["hidden_sizes"], stages["num_attention_heads"], strict=True), 1
     ):

@@ -3,7 +3,7 @@
 The wrapper owns MONAI's :class:`monai.networks.nets.SwinUNETR` (its modules and weights; two class
 swaps, listed at the end, change no output where MONAI runs) and runs its parts itself: the
 patch embedding and the stages up to the pruning point through MONAI's own ``BasicLayer``, then the
-pruner on the merged tokens (``prune_after_stage = 1``: the output of ``swinViT.layers1``, 1/4 of the
+pruner on the merged tokens (``prune_after = [1]``: the output of ``swinViT.layers1``, 1/4 of the
 input side with MONAI's patch size 2), then the later stages on the kept tokens, and finally MONAI's
 convolutional encoders and decoders on the hidden states scattered back to their grids.
 
@@ -182,8 +182,10 @@ class PrunableSwinUNETR(nn.Module):
             whole grid as window where the grid is not larger than the window).
         mlp_ratio, qkv_bias, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize:
             passed to MONAI's ``SwinUNETR``.
-        prune_after_stage: the pruner runs on the output of ``swinViT.layers<stage>`` (after its
-            ``PatchMerging``), so stages ``stage + 1 .. 4`` run on kept tokens; 1, 2 or 3.
+        prune_after: the pruning point as one 1-based stage, the key every backbone shares (blocks in
+            plain ViTs, stages in hierarchical ones): ``[s]`` runs the pruner on the output of
+            ``swinViT.layers<s>`` (after its ``PatchMerging``), so stages ``s + 1 .. 4`` run on kept
+            tokens; ``s`` is 1, 2 or 3, and there is one point (a list of length 1).
         pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None: no pruning.
         pretrained: optional local path of a state dict for MONAI's ``SwinUNETR`` (never downloaded).
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
@@ -209,7 +211,7 @@ class PrunableSwinUNETR(nn.Module):
         attn_drop_rate: float = 0.0,
         dropout_path_rate: float = 0.0,
         normalize: bool = True,
-        prune_after_stage: int = 1,
+        prune_after: Sequence[int] = (1,),
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
@@ -221,10 +223,12 @@ class PrunableSwinUNETR(nn.Module):
             )
         if len(depths) != NUM_STAGES or len(num_heads) != NUM_STAGES:
             raise ValueError(f"depths and num_heads need one entry per stage (4), got {depths}, {num_heads}")
-        if not 1 <= prune_after_stage < NUM_STAGES:
+        if len(prune_after) != 1 or not 1 <= prune_after[0] < NUM_STAGES:
             raise ValueError(
-                f"prune_after_stage must be 1, 2 or 3 (stages after it run pruned), got {prune_after_stage}"
+                f"Swin UNETR's prune_after must be one stage, 1, 2 or 3 (the stages after it run pruned), "
+                f"got {list(prune_after)}"
             )
+        prune_after_stage = int(prune_after[0])
         self.swin_unetr = SwinUNETR(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -244,6 +248,7 @@ class PrunableSwinUNETR(nn.Module):
         self.img_size = img_size
         self.normalize = normalize
         self.depths = tuple(depths)
+        self.prune_after = (prune_after_stage,)
         self.prune_after_stage = prune_after_stage
         for module in self.swin_unetr.modules():
             if type(module) is nn.InstanceNorm2d:
