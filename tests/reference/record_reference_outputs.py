@@ -15,6 +15,11 @@ Regenerating to make a failing reference test pass hides exactly the change it e
 After recording, the script re-runs every case in a child process under each of
 ``reference_cases.PERTURBATIONS`` (other SIMD and BLAS code paths) and stores per case how portable its
 outputs are to other CPU types (``CaseRecord.portable``).
+
+``--platform-copy`` records the same cases on another CPU type into
+``tests/data/reference_outputs_<platform>.pt`` (run it from the commit the main file was recorded at, or
+from one that the reference test shows to be equivalent) and prints, per case, the tightest tolerance
+at which the copy meets the main file.
 """
 
 from __future__ import annotations
@@ -109,6 +114,28 @@ def portability(
     return PORTABILITY[worst], note
 
 
+def platform_slug() -> str:
+    """A file-name tag of this platform: SIMD level and CPU model, e.g. ``avx2_amd_epyc``."""
+    fingerprint = platform_fingerprint()
+    words = "".join(c if c.isalnum() else " " for c in fingerprint["cpu_model"].lower()).split()
+    return "_".join([str(fingerprint["cpu_capability"]).lower(), *words[:3]])
+
+
+def compare_with_main(records: list[CaseRecord]) -> None:
+    """Print, for every recorded case, the tightest tolerance at which it meets the main reference file."""
+    main_records = {r.case: r for r in map(CaseRecord.from_dict, load_reference(REFERENCE_PATH)["cases"])}
+    for record in records:
+        reference = main_records.get(record.case)
+        if record.status != "ok" or reference is None or reference.status != "ok":
+            continue
+        worst, note = 0, ""
+        for mode in MODES:
+            met, error = tolerance_met(reference.outputs[mode], record.outputs.get(mode))
+            if met > worst:
+                worst, note = met, f"{mode}: {error}"
+        print(f"against the main file: {PORTABILITY[worst]}  {record.case.id}  {note}", flush=True)
+
+
 def main() -> None:
     """Record every case, measure its portability, save everything to ``--out``."""
     parser = argparse.ArgumentParser(
@@ -116,12 +143,20 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REFERENCE_PATH, help="where to write (%(default)s)")
     parser.add_argument("--child", action="store_true", help="record only (a perturbed run of this script)")
+    parser.add_argument(
+        "--platform-copy",
+        action="store_true",
+        help="record only, into tests/data/reference_outputs_<platform>.pt, and compare with the main file",
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     records = record_all(verbose=not args.child)
-    if not args.child:
+    if args.platform_copy:
+        args.out = REFERENCE_PATH.parent / f"{REFERENCE_PATH.stem}_{platform_slug()}.pt"
+        compare_with_main(records)
+    elif not args.child:
         with tempfile.TemporaryDirectory() as folder:
             perturbed = {}
             for name, env in PERTURBATIONS.items():

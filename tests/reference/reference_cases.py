@@ -71,6 +71,11 @@ MODES: tuple[Mode, ...] = ("eval", "train")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 TOLERANCES = {"float64": {"rtol": 1e-7, "atol": 1e-9}, "float32": {"rtol": 1e-4, "atol": 1e-5}}
 """``assert_close`` tolerances per recorded dtype (keep masks and kept counts are compared exactly)."""
+CROSS_PLATFORM_TOLERANCES = {"float64": {"rtol": 1e-5, "atol": 1e-7}, "float32": {"rtol": 1e-4, "atol": 1e-5}}
+"""Tolerances per portability tier on a platform with no recording of its own. Measured: an AMD EPYC
+(AVX2) against the Intel Xeon (AVX-512) recording differed by up to 6.2e-7 relative and 5.5e-9 absolute in
+cases the perturbations had rated float64-portable (float32 parts of PrATo's soft scores and DynamicViT's
+predictor), so the float64 tier allows 1e-5 / 1e-7 there; no float32-tier case came near its bounds."""
 
 
 @dataclass(frozen=True)
@@ -343,10 +348,15 @@ def record_case(case: Case) -> CaseRecord:
     return record
 
 
-def assert_outputs_match(expected: ModeOutputs, actual: ModeOutputs, dtype: str) -> None:
+def assert_outputs_match(
+    expected: ModeOutputs,
+    actual: ModeOutputs,
+    dtype: str,
+    tolerances: dict[str, dict[str, float]] = TOLERANCES,
+) -> None:
     """Assert that ``actual`` reproduces ``expected``: keep masks, kept counts and loss names exactly,
-    numbers within :data:`TOLERANCES` of ``dtype``."""
-    tol = TOLERANCES[dtype]
+    numbers within ``tolerances`` (default :data:`TOLERANCES`) of ``dtype``."""
+    tol = tolerances[dtype]
     assert actual.keep_grids.shape == expected.keep_grids.shape, "number of pruning points or grid changed"
     changed = int((actual.keep_grids != expected.keep_grids).sum())
     counts = f"kept counts {expected.kept_counts} -> {actual.kept_counts}"
