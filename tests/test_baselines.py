@@ -11,14 +11,14 @@ from timm.models.vision_transformer import Block
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.base import PruningTrace, merge_early_exits
 from prato_exp.models.unetr import PrunableUNETR
-from prato_exp.pruning.base import PrunerContext, pruning_disabled
+from prato_exp.pruning.base import PointState, PrunerContext, pruning_disabled
 from prato_exp.pruning.budget import percentile_keep_count
 from prato_exp.pruning.dtop import DToPPruner, exit_mask
 from prato_exp.pruning.dynamicvit import DynamicViTPruner, policy_weights
-from prato_exp.pruning.evovit import EvoViTPruner, received_attention
+from prato_exp.pruning.evovit import EvoViTPruner, EvoViTState, received_attention
 from prato_exp.pruning.random_mask import RandomPruner
 from prato_exp.pruning.stp import STPPruner
-from prato_exp.pruning.tram import TRAMPruner, layer_relevance
+from prato_exp.pruning.tram import TRAMPruner, TRAMState, layer_relevance
 from prato_exp.tokens.blocks import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
 
 SIZE = 64  # 4 x 4 = 16 tokens
@@ -64,7 +64,7 @@ def test_keep_count_counts_only_valid_slots(name):
     tokens = torch.randn(2, 10, 8)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 7:] = False
-    state = {"centrality": torch.rand(2, 10)}
+    state = PointState(carried=TRAMState(torch.rand(2, 10)))
     result = pruner(tokens, (4, 4), torch.zeros(2, 4), (64, 64), valid=valid, state=state)
     assert result.keep.sum(dim=1).tolist() == [10 - 2, 7 - 1]
     assert not result.keep[1, 7:].any()
@@ -260,9 +260,9 @@ def test_tram_centrality_accumulates_with_layer_weights():
     pruner = TRAMPruner(context=PrunerContext(3, (2, 2), depth=4))
     valid = torch.ones(1, 4, dtype=torch.bool)
     w1, w2 = torch.rand(1, 2, 4, 4).softmax(-1), torch.rand(1, 2, 4, 4).softmax(-1)
-    state = pruner.observe_attention(w2, valid, pruner.observe_attention(w1, valid, {}, 1), 2)
+    state = pruner.observe_attention(w2, valid, pruner.observe_attention(w1, valid, PointState(), 1), 2)
     expected = 0.25 * layer_relevance(w1, valid) + 0.5 * layer_relevance(w2, valid)
-    torch.testing.assert_close(state["centrality"], expected)
+    torch.testing.assert_close(state.carried.centrality, expected)
 
 
 def test_tram_padding_does_not_change_the_relevance_of_valid_tokens():
@@ -288,7 +288,7 @@ def _evovit_stage(representative: bool):
     block = TransformerBlock(16, 32, 4).eval()
     tokens = torch.randn(1, 8, 16)
     keep = torch.tensor([[True, False, True, True, False, True, True, True]])
-    state = {"keep": keep, "global_attn": torch.rand(1, 8)}
+    state = PointState(keep=keep, carried=EvoViTState(torch.rand(1, 8)))
     out, new_state = pruner.run_block(MonaiBlockParts(block), tokens, state)
     return tokens, keep, out, new_state
 
@@ -311,7 +311,7 @@ def test_evovit_with_everything_informative_reproduces_the_block():
     torch.manual_seed(0)
     block = TransformerBlock(16, 32, 4).eval()
     tokens = torch.randn(2, 6, 16)
-    state = {"keep": torch.ones(2, 6, dtype=torch.bool), "global_attn": torch.rand(2, 6)}
+    state = PointState(keep=torch.ones(2, 6, dtype=torch.bool), carried=EvoViTState(torch.rand(2, 6)))
     out, _ = pruner.run_block(MonaiBlockParts(block), tokens, state)
     torch.testing.assert_close(out, block(tokens))
 

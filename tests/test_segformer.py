@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prato_exp.metrics.efficiency import count_flops
-from prato_exp.models.segformer import PrunableSegFormer, child_keep, reduced_key_keep
+from prato_exp.models.segformer import PrunableSegFormer, next_stage_keep, reduced_key_keep
 from prato_exp.pruning.prato import PrATo
 
 SIZE = 64  # stage grids 16 x 16, 8 x 8 (the pruning point, 64 tokens), 4 x 4, 2 x 2
@@ -78,14 +78,10 @@ def test_drop_and_mask_modes_agree(threshold, fill):
         torch.testing.assert_close(out_drop.logits, out_mask.logits, atol=1e-5, rtol=1e-4)
 
 
-def test_child_keep_uses_the_two_by_two_footprint():
-    keep = torch.zeros(1, 4 * 4, dtype=torch.bool)
-    keep[0, 5] = True  # row 1, col 1: parent of child (0, 0)
-    keep[0, 15] = True  # row 3, col 3: parent of child (1, 1)
-    assert child_keep(keep, (4, 4), (2, 2), 2).tolist() == [[True, False, False, True]]
-    odd = torch.zeros(1, 3 * 3, dtype=torch.bool)
-    odd[0, 8] = True  # the last row/column has a 1-wide footprint
-    assert child_keep(odd, (3, 3), (2, 2), 2).tolist() == [[False, False, False, True]]
+def test_next_stage_keep_refuses_a_grid_its_footprints_do_not_tile():
+    keep = torch.ones(1, 4 * 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="footprints"):
+        next_stage_keep(keep, (4, 4), (3, 3), 2)
 
 
 def test_reduced_key_is_masked_only_when_all_parents_are_pruned():
@@ -104,8 +100,8 @@ def test_percentile_pruning_sparsity_matches_configuration():
     # 64 tokens, floor(0.25 * 64) = 16 pruned at the stage-2 embedding
     assert out.trace.grid_hw == (8, 8) and [int(k.sum()) for k in keep] == [48, 48]
     assert out.trace.first_pruned_block == 2
-    stage3 = child_keep(keep, (8, 8), (4, 4), 2)
-    stage4 = child_keep(stage3, (4, 4), (2, 2), 2)
+    stage3 = next_stage_keep(keep, (8, 8), (4, 4), 2)
+    stage4 = next_stage_keep(stage3, (4, 4), (2, 2), 2)
     expected = torch.stack(
         [torch.ones(2), *[torch.full((2,), 0.75)] * 2, stage3.float().mean(1), stage4.float().mean(1)], dim=1
     )

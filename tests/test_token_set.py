@@ -1,53 +1,104 @@
-"""Gathering kept tokens and scattering them back onto the grid."""
+"""The token set: gathering kept tokens, the grid layout of ``mask``, scattering back, the parent rule."""
 
+import pytest
 import torch
 
-from prato_exp.tokens.token_set import AliveTokens, gather_kept, keep_on_grid, scatter_to_grid, write_to_grid
+from prato_exp.tokens.token_set import TokenSet, child_keep, write_to_grid
+
+GRID_HW = (2, 3)
 
 
-def _grid_tokens(b: int = 2, z: int = 6, c: int = 3) -> torch.Tensor:
+def _grid_tokens(b: int = 2, c: int = 3) -> torch.Tensor:
+    z = GRID_HW[0] * GRID_HW[1]
     return torch.arange(b * z * c, dtype=torch.float32).view(b, z, c) + 1
 
 
-def test_gather_keeps_grid_order_and_positions():
-    alive = AliveTokens.full_grid(_grid_tokens())
+def _full() -> TokenSet:
+    return TokenSet.full(_grid_tokens(), GRID_HW)
+
+
+def test_drop_keeps_grid_order_and_positions():
     keep = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
-    kept = gather_kept(alive, keep)
+    kept = _full().select(keep, "drop")
     assert kept.positions.tolist() == [[1, 3, 4], [0, 4, 5]]
-    torch.testing.assert_close(kept.tokens[0], alive.tokens[0, [1, 3, 4]])
-    assert bool(kept.valid.all())
+    torch.testing.assert_close(kept.tokens[0], _grid_tokens()[0, [1, 3, 4]])
+    assert bool(kept.valid.all()) and not kept.on_grid
 
 
-def test_gather_pads_unequal_counts_with_invalid_zero_slots():
-    alive = AliveTokens.full_grid(_grid_tokens())
+def test_drop_pads_unequal_counts_with_invalid_zero_slots():
     keep = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
-    kept = gather_kept(alive, keep)
+    kept = _full().select(keep, "drop")
     assert kept.tokens.shape[1] == 4
     assert kept.valid.tolist() == [[True] * 4, [True, False, False, False]]
     assert bool((kept.tokens[1, 1:] == 0).all())
+    assert kept.slots.tolist() == kept.valid.tolist()
 
 
-def test_scatter_inverts_gather_with_zero_fill():
-    tokens = _grid_tokens()
-    alive = AliveTokens.full_grid(tokens)
+def test_mask_keeps_the_grid_and_zeroes_pruned_places():
     keep = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
-    grid = scatter_to_grid(gather_kept(alive, keep), num_grid=6)
-    torch.testing.assert_close(grid, tokens * keep[..., None])
+    masked = _full().select(keep, "mask")
+    assert masked.on_grid and torch.equal(masked.valid, keep)
+    assert bool(masked.slots.all())
+    torch.testing.assert_close(masked.tokens, _grid_tokens() * keep[..., None])
 
 
-def test_scatter_carry_fill_keeps_pruned_values_and_ignores_padding():
-    tokens = _grid_tokens()
-    carry = -torch.ones_like(tokens)
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_to_grid_inverts_select_with_zero_fill(mode):
+    keep = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    grid = _full().select(keep, mode).to_grid()
+    torch.testing.assert_close(grid, _grid_tokens() * keep[..., None])
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_to_grid_carry_fill_keeps_pruned_values_and_ignores_padding(mode):
+    carry = -torch.ones_like(_grid_tokens())
     keep = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    kept = gather_kept(AliveTokens.full_grid(tokens), keep)
-    grid = scatter_to_grid(kept, num_grid=6, fill=carry)
-    torch.testing.assert_close(grid, torch.where(keep[..., None], tokens, carry))
+    grid = _full().select(keep, mode).to_grid(fill=carry)
+    torch.testing.assert_close(grid, torch.where(keep[..., None], _grid_tokens(), carry))
 
 
-def test_keep_on_grid_marks_alive_places_only():
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_keep_grid_marks_alive_places_only(mode):
     keep = torch.tensor([[0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
-    kept = gather_kept(AliveTokens.full_grid(_grid_tokens()), keep)
-    assert torch.equal(keep_on_grid(kept, 6), keep)
+    assert torch.equal(_full().select(keep, mode).keep_grid(), keep)
+
+
+def test_a_second_drop_selects_among_the_alive_slots():
+    first = torch.tensor([[1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    kept = _full().select(first, "drop")
+    second = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1]], dtype=torch.bool)[
+        :, : kept.tokens.shape[1]
+    ]
+    assert kept.select(second, "drop").positions.tolist() == [[1, 3], [0, 5]]
+
+
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_from_map_reads_the_alive_places_of_a_map(mode):
+    keep = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    kept = _full().select(keep, mode)
+    feature_map = kept.to_map()  # (B, C, h, w)
+    assert feature_map.shape == (2, 3, *GRID_HW)
+    torch.testing.assert_close(kept.from_map(feature_map), kept.rezero())
+
+
+def test_full_refuses_tokens_that_do_not_fill_the_grid():
+    with pytest.raises(ValueError, match="do not fill"):
+        TokenSet.full(torch.zeros(1, 5, 2), GRID_HW)
+
+
+def test_child_keep_uses_the_two_by_two_footprint():
+    keep = torch.zeros(1, 4 * 4, dtype=torch.bool)
+    keep[0, 5] = True  # row 1, col 1: parent of child (0, 0)
+    keep[0, 15] = True  # row 3, col 3: parent of child (1, 1)
+    child, child_hw = child_keep(keep, (4, 4))
+    assert child_hw == (2, 2) and child.tolist() == [[True, False, False, True]]
+
+
+def test_child_keep_gives_odd_sides_a_one_wide_footprint():
+    odd = torch.zeros(1, 3 * 3, dtype=torch.bool)
+    odd[0, 8] = True  # the last row/column
+    child, child_hw = child_keep(odd, (3, 3))
+    assert child_hw == (2, 2) and child.tolist() == [[False, False, False, True]]
 
 
 def test_write_to_grid_writes_valid_slots_only_and_keeps_the_rest():

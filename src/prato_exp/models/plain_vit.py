@@ -14,17 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prato_exp.models.base import PruningTrace
-from prato_exp.pruning.base import NoPruner, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import NoPruner, PointState, PrunerContext, TokenPruner
+from prato_exp.pruning.execute import apply_pruner
+from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, key_bias, run_parts
-from prato_exp.tokens.token_set import (
-    AliveTokens,
-    gather_kept,
-    gather_slots,
-    keep_on_grid,
-    kept_order,
-    scatter_to_grid,
-)
+from prato_exp.tokens.token_set import TokenSet
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
 """``runner(block, tokens (B, N, C), key_keep (B, N) bool or None) -> tokens``."""
@@ -132,7 +126,7 @@ def run_pruned_blocks(
     active = {i: p for i, p in pruners.items() if p.active}
     if active and box_xyxy is None:
         raise ValueError("a box prompt (box_xyxy) is required when a pruner is active")
-    alive = AliveTokens.full_grid(tokens)
+    alive = TokenSet.full(tokens, grid_hw)
     grid_alive = alive.valid.clone()
     carry = tokens.new_zeros(tokens.shape) if any(p.fill == "carry" for p in active.values()) else None
     key_keep: Tensor | None = None
@@ -143,21 +137,15 @@ def run_pruned_blocks(
     trace = PruningTrace(grid_hw=grid_hw, first_pruned_block=min(active, default=depth) + 1)
     keep_fraction = []
     skips: dict[int, Tensor] = {}
-    state: dict[str, Tensor] = {}
+    state = PointState()
     if prune_enabled is not None and active:
-        exempt = ~prune_enabled.to(device=tokens.device, dtype=torch.bool)
-        state["exempt"] = exempt[:, None].expand(-1, num_grid)
+        state.exempt = ~prune_enabled.to(device=tokens.device, dtype=torch.bool)
     runner: TokenPruner | None = None
 
-    def on_grid(values: AliveTokens, fill: Tensor | None) -> Tensor:
+    def on_grid(values: TokenSet, fill: Tensor | None) -> Tensor:
         if runner is not None:
             return runner.grid_view(values.tokens, state)
-        if mode == "drop":
-            return scatter_to_grid(values, num_grid, fill)
-        grid = values.tokens * grid_alive[..., None].to(values.tokens.dtype)
-        if fill is not None:
-            grid = torch.where(grid_alive[..., None], grid, fill)
-        return grid
+        return values.to_grid(fill)
 
     for index, block in enumerate(blocks, start=1):
         keep_fraction.append(grid_alive.sum(dim=1).to(tokens.dtype) / num_grid)
@@ -166,26 +154,25 @@ def run_pruned_blocks(
             out, state = runner.run_block(block_parts(block), alive.tokens, state)
         elif observer is not None and observer.needs_attention:
             out, weights = run_parts(block_parts(block), alive.tokens, key_bias(key_keep))
-            seen = alive.valid if key_keep is None else key_keep
-            state = observer.observe_attention(weights.detach(), seen, state, index)
+            state = observer.observe_attention(weights.detach(), alive.valid, state, index)
         else:
             out = run_block(block, alive.tokens, key_keep)
         if mode == "mask" and key_keep is not None:
             out = out * key_keep[..., None].to(out.dtype)
-        alive = AliveTokens(out, alive.positions, alive.valid)
+        alive = alive.with_tokens(out)
 
         pruner = active.get(index)
         if pruner is not None:
             if carry is not None:
                 carry = on_grid(alive, carry)
             alive, grid_alive, key_keep, state = apply_pruner(
-                pruner, alive, grid_alive, grid_hw, image_hw, box_xyxy, prune_enabled, trace, state
+                pruner, alive, grid_alive, image_hw, box_xyxy, prune_enabled, trace, state
             )
             runner = pruner if pruner.runs_blocks() else None
         if index in skip_blocks:
             skips[index] = on_grid(alive, carry)
 
-    normed = AliveTokens(norm(alive.tokens), alive.positions, alive.valid)
+    normed = alive.with_tokens(norm(alive.tokens))
     final = on_grid(normed, norm(carry) if carry is not None else None)
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
     if active and carry is not None:
@@ -205,85 +192,3 @@ def exit_points(keep_grids: Sequence[Tensor]) -> Tensor:
         exit_point = torch.where(alive & ~keep, torch.full_like(exit_point, point), exit_point)
         alive = alive & keep
     return exit_point
-
-
-def exempt_and_scale(
-    result: PruneResult, tokens: Tensor, full_keep: Tensor, prune_enabled: Tensor | None
-) -> Tensor:
-    """Apply the ``no_pruning`` exemption and the pruner's token scale at one pruning point.
-
-    Images with ``prune_enabled`` False get ``result.keep = full_keep`` (``(B, N)`` bool) and a scale
-    of 1 (``result`` is updated in place); returns ``tokens`` ``(B, N, C)`` times the (STE) scale.
-    """
-    scale = result.token_scale
-    if prune_enabled is not None:
-        exempt = ~prune_enabled.to(device=result.keep.device, dtype=torch.bool)[:, None]
-        result.keep = torch.where(exempt, full_keep, result.keep)
-        if result.exit_grid is not None:
-            result.exit_grid = result.exit_grid & ~exempt
-        if scale is not None:
-            scale = torch.where(exempt, torch.ones_like(scale), scale)
-            result.token_scale = scale
-    return tokens if scale is None else tokens * scale[..., None].to(tokens.dtype)
-
-
-def apply_pruner(
-    pruner: TokenPruner,
-    alive: AliveTokens,
-    grid_alive: Tensor,
-    grid_hw: tuple[int, int],
-    image_hw: tuple[int, int],
-    box_xyxy: Tensor,
-    prune_enabled: Tensor | None,
-    trace: PruningTrace,
-    state: dict[str, Tensor] | None = None,
-) -> tuple[AliveTokens, Tensor, Tensor | None, dict[str, Tensor]]:
-    """Score, select and execute one pruning point.
-
-    Returns the new alive set, the grid keep mask, the key mask for later blocks and the state handed
-    to the next point (gathered with the kept tokens in ``drop`` mode).
-    """
-    num_grid = grid_alive.shape[1]
-    state = state or {}
-    if pruner.mode == "drop":
-        result = pruner(
-            alive.tokens,
-            grid_hw,
-            box_xyxy,
-            image_hw,
-            positions=alive.positions,
-            valid=alive.valid,
-            state=state,
-        )
-    else:
-        result = pruner(alive.tokens, grid_hw, box_xyxy, image_hw, valid=grid_alive, state=state)
-    full_keep = alive.valid if pruner.mode == "drop" else grid_alive
-    tokens = exempt_and_scale(result, alive.tokens, full_keep, prune_enabled)
-    keep = result.keep
-    new_state = {**({"exempt": state["exempt"]} if "exempt" in state else {}), **result.state}
-    trace.results.append(result)
-
-    if pruner.runs_blocks():  # the pruner runs the next blocks on the full grid itself
-        new_state["keep"] = keep
-        new_grid_alive = keep  # re-selected from the full grid at every point (Evo-ViT)
-        trace.keep_grids.append(new_grid_alive)
-        return AliveTokens(tokens, alive.positions, alive.valid), new_grid_alive, None, new_state
-    if pruner.mode == "drop":
-        order, valid = kept_order(keep & alive.valid)
-        kept = gather_kept(AliveTokens(tokens, alive.positions, alive.valid), keep)
-        new_state = {
-            k: v if k.startswith("grid_") else gather_slots(v, order, valid) for k, v in new_state.items()
-        }
-        new_grid_alive = keep_on_grid(kept, num_grid)
-        key_keep = None if bool(kept.valid.all()) else kept.valid
-    elif pruner.mode == "mask":
-        new_grid_alive = keep & grid_alive
-        kept = AliveTokens(tokens * new_grid_alive[..., None].to(tokens.dtype), alive.positions, alive.valid)
-        key_keep = new_grid_alive
-    else:  # zero_once: the paper's literal Y' = beta * Y; later blocks run on (and may refill) all
-        zeroed = keep & grid_alive
-        kept = AliveTokens(tokens * zeroed[..., None].to(tokens.dtype), alive.positions, alive.valid)
-        trace.keep_grids.append(zeroed)
-        return kept, grid_alive, None, new_state
-    trace.keep_grids.append(new_grid_alive)
-    return kept, new_grid_alive, key_keep, new_state

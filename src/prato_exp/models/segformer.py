@@ -31,14 +31,13 @@ embedding (its value where it was dropped). ``mask`` runs the same code on the f
 error. ``zero_once`` zeroes the pruned tokens once and runs the unmodified blocks on the whole grid.
 
 ``PrunableSegformerLayer`` is the one patch: the blocks of the pruned stages get this subclass (as ToMe
-patches timm), whose ``forward`` is the library's unless a :class:`StageGrid` is passed, so the pruned
+patches timm), whose ``forward`` is the library's unless the stage's token set is passed, so the pruned
 forward runs inside each block's own module call and ``FlopCounterMode`` attributes its FLOPs to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -53,17 +52,19 @@ from transformers.models.segformer.modeling_segformer import (
     eager_attention_forward,
 )
 
-from prato_exp.models.base import PruningTrace, SegOutput
-from prato_exp.models.plain_vit import exempt_and_scale
+from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PruneResult, PrunerFactory, TokenPruner, refuse_plain_vit_only
-from prato_exp.tokens.token_set import AliveTokens, gather_kept, scatter_to_grid
+from prato_exp.pruning.base import NoPruner, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.pruning.execute import apply_pruner
+from prato_exp.pruning.trace import PruningTrace
+from prato_exp.tokens.token_set import TokenSet, child_keep
 
 AttnImplementation = Literal["eager", "sdpa"]
 
 
-def child_keep(keep: Tensor, grid_hw: tuple[int, int], child_hw: tuple[int, int], stride: int) -> Tensor:
-    """Keep mask of the next stage: a child is kept if any parent in its ``stride x stride`` footprint is.
+def next_stage_keep(keep: Tensor, grid_hw: tuple[int, int], child_hw: tuple[int, int], stride: int) -> Tensor:
+    """Keep mask of the next stage by the parent rule (:func:`~prato_exp.tokens.token_set.child_keep`),
+    checked against the next stage's own grid ``child_hw``.
 
     Args:
         keep: ``(B, h * w)`` bool keep mask of this stage, row-major.
@@ -74,14 +75,13 @@ def child_keep(keep: Tensor, grid_hw: tuple[int, int], child_hw: tuple[int, int]
     Returns:
         ``(B, h' * w')`` bool.
     """
-    b = keep.shape[0]
-    pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), stride, stride, ceil_mode=True)
-    if tuple(pooled.shape[-2:]) != tuple(child_hw):
+    child, footprints_hw = child_keep(keep, grid_hw, stride)
+    if footprints_hw != tuple(child_hw):
         raise ValueError(
-            f"a {grid_hw} grid with stride {stride} gives {tuple(pooled.shape[-2:])} footprints, but the "
+            f"a {grid_hw} grid with stride {stride} gives {footprints_hw} footprints, but the "
             f"next stage's grid is {child_hw}; use odd patch sizes (padding = patch_size // 2)"
         )
-    return pooled.flatten(1) > 0
+    return child
 
 
 def reduced_key_keep(keep: Tensor, grid_hw: tuple[int, int], sr: int) -> Tensor:
@@ -109,55 +109,17 @@ def additive_key_mask(key_keep: Tensor, dtype: torch.dtype) -> Tensor | None:
     return mask.masked_fill(~key_keep, float("-inf"))[:, None, None, :]
 
 
-@dataclass
-class StageGrid:
-    """Where the alive tokens of one pruned stage sit on its grid.
-
-    Attributes:
-        positions: ``(B, N)`` long, row-major grid index of each alive slot.
-        valid: ``(B, N)`` bool, False on padding slots (``drop``) or pruned places (``mask``).
-        keep: ``(B, Z)`` bool, grid places alive.
-        grid_hw: ``(h, w)``, ``Z = h * w``.
-        full_grid: True in ``mask`` mode, where slot ``i`` is grid place ``i`` (``N = Z``).
-    """
-
-    positions: Tensor
-    valid: Tensor
-    keep: Tensor
-    grid_hw: tuple[int, int]
-    full_grid: bool
-
-    def rezero(self, tokens: Tensor) -> Tensor:
-        """``tokens`` ``(B, N, C)`` with padding slots / pruned places set to zero."""
-        return tokens * self.valid[..., None].to(tokens.dtype)
-
-    def to_grid(self, tokens: Tensor) -> Tensor:
-        """``(B, N, C)`` alive tokens -> ``(B, Z, C)`` zero-filled grid tokens."""
-        if self.full_grid:
-            return self.rezero(tokens)
-        return scatter_to_grid(AliveTokens(tokens, self.positions, self.valid), self.keep.shape[1])
-
-    def to_map(self, tokens: Tensor) -> Tensor:
-        """``(B, N, C)`` alive tokens -> ``(B, C, h, w)`` zero-filled feature map."""
-        grid = self.to_grid(tokens)
-        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *self.grid_hw)
-
-    def from_map(self, feature_map: Tensor) -> Tensor:
-        """``(B, C, h, w)`` map -> ``(B, N, C)`` values at the alive places (zero on invalid slots)."""
-        flat = feature_map.flatten(2).transpose(1, 2)  # (B, Z, C)
-        if not self.full_grid:
-            flat = torch.gather(flat, 1, self.positions[..., None].expand(-1, -1, flat.shape[-1]))
-        return self.rezero(flat)
-
-    def key_keep(self, sr: int) -> Tensor:
-        """``(B, K)`` bool: the keys attention may use (the alive tokens at ``sr = 1``)."""
-        if sr == 1:
-            return self.valid
-        return reduced_key_keep(self.keep, self.grid_hw, sr)
+def stage_key_keep(layout: TokenSet, sr: int) -> Tensor:
+    """``(B, K)`` bool: the keys attention may use (the alive tokens at ``sr = 1``, else the reduced keys
+    with a kept parent)."""
+    if sr == 1:
+        return layout.valid
+    return reduced_key_keep(layout.keep_grid(), layout.grid_hw, sr)
 
 
 class PrunableSegformerLayer(SegformerLayer):
-    """``SegformerLayer`` whose forward runs on a stage's kept tokens when given a :class:`StageGrid`.
+    """``SegformerLayer`` whose forward runs on a stage's kept tokens when given their
+    :class:`~prato_exp.tokens.token_set.TokenSet` (``stage_grid``).
 
     Without one it is the library's forward, unchanged.
     """
@@ -167,7 +129,7 @@ class PrunableSegformerLayer(SegformerLayer):
         hidden_states: Tensor,
         height: int,
         width: int,
-        stage_grid: StageGrid | None = None,
+        stage_grid: TokenSet | None = None,
         **kwargs,
     ) -> Tensor:
         """``hidden_states`` ``(B, N, C)``: the whole ``height x width`` grid, or the alive tokens."""
@@ -183,13 +145,13 @@ class PrunableSegformerLayer(SegformerLayer):
         mlp = self.mlp
         x = layout.rezero(self.layernorm_after(x))
         x = mlp.fc1(x)  # (B, N, C_mlp)
-        x = layout.from_map(mlp.dwconv.dwconv(layout.to_map(x)))
+        x = layout.from_map(mlp.dwconv.dwconv(layout.with_tokens(x).to_map()))
         x = mlp.dropout(mlp.activation_fn(x))
         x = layout.rezero(mlp.dropout(mlp.fc2(x)))
         return self.drop_path(x) + residual
 
 
-def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: StageGrid) -> Tensor:
+def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: TokenSet) -> Tensor:
     """Efficient self-attention of the alive ``tokens`` ``(B, N, C)`` (normed, re-zeroed) -> ``(B, N, C)``.
 
     Queries and the output projection run on the alive tokens; at ``sr > 1`` keys and values come from the
@@ -198,7 +160,7 @@ def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: StageGr
     b, n, _ = tokens.shape
     sr = attn.sequence_reduction_ratio
     query = attn.q_proj(tokens).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, heads, N, d)
-    kv = attn.sequence_reduction(layout.to_grid(tokens), *layout.grid_hw) if sr > 1 else tokens
+    kv = attn.sequence_reduction(layout.with_tokens(tokens).to_grid(), *layout.grid_hw) if sr > 1 else tokens
     k = kv.shape[1]
     key = attn.k_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)  # (B, heads, K, d)
     value = attn.v_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)
@@ -210,7 +172,7 @@ def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: StageGr
         query,
         key,
         value,
-        additive_key_mask(layout.key_keep(sr), query.dtype),
+        additive_key_mask(stage_key_keep(layout, sr), query.dtype),
         dropout=attn.attention_dropout if attn.training else 0.0,
         scaling=attn.scaling,
     )
@@ -347,28 +309,33 @@ class PrunableSegFormer(nn.Module):
         for index, stage in enumerate(self.stages, start=1):
             tokens, h, w = stage.patch_embeddings(hidden)  # (B, Z, C)
             carry = tokens
+            alive: TokenSet | None = None  # the stage's kept tokens once pruning runs on them
             if active and index == self.prune_at_stage:
                 trace.grid_hw = (h, w)
-                tokens, point_keep = self._prune(
-                    pruner, tokens, (h, w), image_hw, box_xyxy, prune_enabled, trace
+                full = TokenSet.full(tokens, (h, w))
+                pruned, point_keep, _, _ = apply_pruner(
+                    pruner, full, full.valid, image_hw, box_xyxy, prune_enabled, trace
                 )
-                keep = None if pruner.mode == "zero_once" else point_keep
+                if pruner.mode == "zero_once":
+                    tokens = pruned.tokens
+                else:
+                    alive, keep = pruned, point_keep
             elif keep is not None:
-                keep = child_keep(keep, grid_hw, (h, w), self.strides[index - 1])
+                keep = next_stage_keep(keep, grid_hw, (h, w), self.strides[index - 1])
+                alive = TokenSet.full(tokens, (h, w)).select(keep, pruner.mode)
             grid_hw = (h, w)
 
-            if keep is None:
+            if alive is None:
                 for block in stage.blocks:
                     tokens = block(tokens, h, w)
                 out = stage.layer_norm(tokens)  # (B, Z, C)
                 decoder_in = out
                 fractions += [ones] * len(stage.blocks)
             else:
-                out = self._run_pruned_stage(stage, tokens, keep, (h, w), pruner.mode)
-                decoder_in = out
-                if pruner.fill == "carry":
-                    decoder_in = torch.where(keep[..., None], out, stage.layer_norm(carry))
-                fractions += [keep.to(image.dtype).mean(dim=1)] * len(stage.blocks)
+                normed = self._run_pruned_stage(stage, alive)
+                out = normed.to_grid()
+                decoder_in = normed.to_grid(stage.layer_norm(carry)) if pruner.fill == "carry" else out
+                fractions += [normed.keep_grid().to(image.dtype).mean(dim=1)] * len(stage.blocks)
             maps.append(_to_map(decoder_in, h, w))
             hidden = _to_map(out, h, w)
 
@@ -377,41 +344,13 @@ class PrunableSegFormer(nn.Module):
         logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
         return SegOutput(logits=logits, trace=trace)
 
-    def _prune(
-        self,
-        pruner: TokenPruner,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        image_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        prune_enabled: Tensor | None,
-        trace: PruningTrace,
-    ) -> tuple[Tensor, Tensor]:
-        """Score the ``(B, Z, C)`` embedding tokens; return them scaled (STE) or zeroed and the keep grid."""
-        result: PruneResult = pruner(tokens, grid_hw, box_xyxy, image_hw)
-        tokens = exempt_and_scale(result, tokens, torch.ones_like(result.keep), prune_enabled)
-        keep = result.keep
-        if pruner.mode == "zero_once":
-            tokens = tokens * keep[..., None].to(tokens.dtype)
-        trace.results.append(result)
-        trace.keep_grids.append(keep)
-        return tokens, keep
-
     @staticmethod
-    def _run_pruned_stage(
-        stage: nn.Module, tokens: Tensor, keep: Tensor, grid_hw: tuple[int, int], mode: str
-    ) -> Tensor:
-        """A stage's blocks and LayerNorm on its kept tokens; returns the ``(B, Z, C)`` zero-filled grid."""
-        if mode == "drop":
-            alive = gather_kept(AliveTokens.full_grid(tokens), keep)
-        else:
-            positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-            alive = AliveTokens(tokens * keep[..., None].to(tokens.dtype), positions, keep)
-        layout = StageGrid(alive.positions, alive.valid, keep, grid_hw, full_grid=mode == "mask")
+    def _run_pruned_stage(stage: nn.Module, alive: TokenSet) -> TokenSet:
+        """A stage's blocks and LayerNorm on its kept tokens (the same layout, normed tokens)."""
         x = alive.tokens
         for block in stage.blocks:
-            x = block(x, *grid_hw, stage_grid=layout)
-        return layout.to_grid(stage.layer_norm(x))
+            x = block(x, *alive.grid_hw, stage_grid=alive)
+        return alive.with_tokens(stage.layer_norm(x))
 
     def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
         """``(B, stages)`` fraction of each stage's grid alive (from ``trace.block_keep_fraction``)."""

@@ -49,16 +49,16 @@ from monai.networks.nets.swin_unetr import (
 )
 from torch import Tensor, nn
 
-from prato_exp.models.base import PruningTrace, SegOutput
-from prato_exp.models.plain_vit import apply_pruner
+from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
-from prato_exp.tokens.token_set import AliveTokens, gather_kept, scatter_to_grid
+from prato_exp.pruning.execute import apply_pruner
+from prato_exp.pruning.trace import PruningTrace
+from prato_exp.tokens.token_set import TokenSet, child_keep
 from prato_exp.tokens.windows import (
     WindowBatch,
     gather_windows,
     merge_2x2,
-    merge_keep,
     scatter_windows,
     window_batch,
     window_layout,
@@ -155,15 +155,10 @@ class PrunableSwinBlock(SwinTransformerBlock):
 
 @dataclass
 class _PrunedGrid:
-    """The state between pruned stages: alive tokens on a ``grid_hw`` grid.
+    """The state between pruned stages: the alive tokens and, with ``fill="carry"``, ``carry``
+    ``(B, Z, C)``: what the pruned places show (None with ``fill="zero"``)."""
 
-    ``keep`` ``(B, Z)`` marks grid places alive; ``carry`` ``(B, Z, C)`` holds what pruned places show
-    with ``fill="carry"`` (None with ``fill="zero"``).
-    """
-
-    alive: AliveTokens
-    keep: Tensor
-    grid_hw: tuple[int, int]
+    alive: TokenSet
     carry: Tensor | None
 
 
@@ -303,9 +298,8 @@ class PrunableSwinUNETR(nn.Module):
             if pruner.active:  # zero_once: the paper's literal Y' = beta * Y, then MONAI's stages
                 alive, _, _, _ = apply_pruner(
                     pruner,
-                    AliveTokens.full_grid(x.flatten(2).transpose(1, 2)),
+                    TokenSet.full(x.flatten(2).transpose(1, 2), trace.grid_hw),
                     torch.ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool, device=x.device),
-                    trace.grid_hw,
                     image_hw,
                     box_xyxy,
                     prune_enabled,
@@ -339,73 +333,60 @@ class PrunableSwinUNETR(nn.Module):
         b, _, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, Z, C)
         full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
-        alive, keep, _, _ = apply_pruner(
-            pruner, AliveTokens.full_grid(tokens), full, (h, w), image_hw, box_xyxy, prune_enabled, trace
+        alive, _, _, _ = apply_pruner(
+            pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace
         )
-        state = _PrunedGrid(alive, keep, (h, w), tokens if pruner.fill == "carry" else None)
-        hidden = [self._hidden(state, mode)]
+        state = _PrunedGrid(alive, tokens if pruner.fill == "carry" else None)
+        hidden = [self._hidden(state)]
         fractions: list[Tensor] = []
         for layer in stages:
-            state, stage_fractions = self._run_blocks(layer, state, mode)
+            state, stage_fractions = self._run_blocks(layer, state)
             fractions += stage_fractions
             state = self._merge(layer.downsample, state, mode)
-            hidden.append(self._hidden(state, mode))
+            hidden.append(self._hidden(state))
         return hidden, fractions
 
     @staticmethod
-    def _run_blocks(
-        layer: BasicLayer, state: _PrunedGrid, mode: PruneMode
-    ) -> tuple[_PrunedGrid, list[Tensor]]:
+    def _run_blocks(layer: BasicLayer, state: _PrunedGrid) -> tuple[_PrunedGrid, list[Tensor]]:
         """Run the Swin blocks of ``layer`` on the alive tokens of ``state``."""
-        alive, grid = state.alive, state.grid_hw
-        num_grid = grid[0] * grid[1]
-        key_alive = state.keep.gather(1, alive.positions) & alive.valid
+        alive = state.alive
+        key_alive = alive.valid
         rezero = None if bool(key_alive.all()) else key_alive
-        fraction = state.keep.sum(dim=1).to(alive.tokens.dtype) / num_grid
+        fraction = alive.keep_grid().sum(dim=1).to(alive.tokens.dtype) / alive.num_grid
         batches: dict[tuple[tuple[int, ...], tuple[int, ...]], WindowBatch] = {}
         tokens = alive.tokens
         for block in layer.blocks:
-            window, shift = get_window_size(grid, block.window_size, block.shift_size)
+            window, shift = get_window_size(alive.grid_hw, block.window_size, block.shift_size)
             if (window, shift) not in batches:
-                layout = window_layout(grid, window, shift, tokens.device)
-                batches[window, shift] = window_batch(layout, alive.positions, alive.valid, key_alive)
-            tokens = block(tokens, windows=batches[window, shift], valid=alive.valid, rezero=rezero)
-        out = _PrunedGrid(AliveTokens(tokens, alive.positions, alive.valid), state.keep, grid, state.carry)
-        return out, [fraction] * len(layer.blocks)
+                layout = window_layout(alive.grid_hw, window, shift, tokens.device)
+                batches[window, shift] = window_batch(layout, alive.positions, alive.slots, key_alive)
+            tokens = block(tokens, windows=batches[window, shift], valid=alive.slots, rezero=rezero)
+        return _PrunedGrid(alive.with_tokens(tokens), state.carry), [fraction] * len(layer.blocks)
 
     @staticmethod
     def _merge(downsample: PatchMerging, state: _PrunedGrid, mode: PruneMode) -> _PrunedGrid:
         """MONAI's ``PatchMerging`` on the zero-filled grid, computed for the kept merged tokens only."""
-        b = state.keep.shape[0]
-        h, w = state.grid_hw
-        grid = _zero_filled(state, mode).view(b, h, w, -1)
-        merged = merge_2x2(grid)  # (B, h2, w2, 4C)
-        merged_hw = (merged.shape[1], merged.shape[2])
-        merged = merged.flatten(1, 2)
-        keep = merge_keep(state.keep.view(b, h, w)).flatten(1)  # (B, Z2)
+        alive = state.alive
+        b = alive.tokens.shape[0]
+        h, w = alive.grid_hw
 
-        def reduce(tokens: AliveTokens) -> AliveTokens:
-            out = downsample.reduction(downsample.norm(tokens.tokens))
-            return AliveTokens(out * tokens.valid[..., None].to(out.dtype), tokens.positions, tokens.valid)
+        def merge(grid: Tensor) -> Tensor:
+            return merge_2x2(grid.view(b, h, w, -1)).flatten(1, 2)  # (B, Z2, 4C)
 
-        if mode == "drop":
-            alive = reduce(gather_kept(AliveTokens.full_grid(merged), keep))
-        else:
-            alive = reduce(AliveTokens.full_grid(merged))
-            alive.tokens = alive.tokens * keep[..., None].to(alive.tokens.dtype)
+        def reduce(merged: TokenSet) -> TokenSet:
+            return merged.with_tokens(merged.rezero(downsample.reduction(downsample.norm(merged.tokens))))
+
+        keep, merged_hw = child_keep(alive.keep_grid(), alive.grid_hw)
+        merged = reduce(TokenSet.full(merge(alive.to_grid()), merged_hw).select(keep, mode))
         carry = None
         if state.carry is not None:
-            filled = merge_2x2(_on_grid(state, mode).view(b, h, w, -1)).flatten(1, 2)
-            pruned = reduce(gather_kept(AliveTokens.full_grid(filled), ~keep))
-            carry = scatter_to_grid(pruned, keep.shape[1])
-        return _PrunedGrid(alive, keep, merged_hw, carry)
+            pruned = TokenSet.full(merge(alive.to_grid(state.carry)), merged_hw).select(~keep, "drop")
+            carry = reduce(pruned).to_grid()
+        return _PrunedGrid(merged, carry)
 
-    def _hidden(self, state: _PrunedGrid, mode: PruneMode) -> Tensor:
+    def _hidden(self, state: _PrunedGrid) -> Tensor:
         """MONAI's ``proj_out`` of the grid of ``state``: ``(B, C, h, w)``, pruned places per ``fill``."""
-        grid = _on_grid(state, mode)
-        b, _, c = grid.shape
-        grid = grid.transpose(1, 2).reshape(b, c, *state.grid_hw)
-        return self.swin_unetr.swinViT.proj_out(grid, self.normalize)
+        return self.swin_unetr.swinViT.proj_out(state.alive.to_map(state.carry), self.normalize)
 
     def _decode(self, image: Tensor, hidden: Sequence[Tensor]) -> Tensor:
         """MONAI's encoders and decoders on the five hidden states (as in ``SwinUNETR.forward``)."""
@@ -435,19 +416,3 @@ class PrunableSwinUNETR(nn.Module):
     def reference_forward(self, image: Tensor) -> Tensor:
         """MONAI's own ``SwinUNETR.forward`` (for tests that pruning-off changes nothing)."""
         return self.swin_unetr(image)
-
-
-def _zero_filled(state: _PrunedGrid, mode: PruneMode) -> Tensor:
-    """``(B, Z, C)`` the alive tokens on their grid, pruned places zero."""
-    num_grid = state.keep.shape[1]
-    return scatter_to_grid(state.alive, num_grid) if mode == "drop" else state.alive.tokens
-
-
-def _on_grid(state: _PrunedGrid, mode: PruneMode) -> Tensor:
-    """``(B, Z, C)`` the alive tokens on their grid, pruned places filled with ``carry`` (or zero)."""
-    if mode == "drop":
-        return scatter_to_grid(state.alive, state.keep.shape[1], state.carry)
-    grid = state.alive.tokens
-    if state.carry is not None:
-        grid = torch.where(state.keep[..., None], grid, state.carry)
-    return grid

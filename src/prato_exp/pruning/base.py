@@ -11,9 +11,10 @@ and then executes ``result.keep`` according to ``pruner.mode``:
   token-wise operation (the exact emulation of ``drop``);
 - ``zero_once``: the paper's literal ``Y' = beta * Y`` once; later blocks may refill the tokens.
 
-Pruning state lives in the returned :class:`PruneResult`, never in the pruner: what one point hands to
-the next (DynamicViT's policy, Evo-ViT's global attention, TRAM's centrality) travels in
-``PruneResult.state``, slot-aligned with the tokens, and the backbone gathers it with them.
+Pruning state lives in typed objects, never in the pruner: what one point hands to the next
+(DynamicViT's policy, Evo-ViT's global attention, TRAM's centrality, DToP's canvas) is the method's own
+:class:`CarriedState` dataclass in ``PruneResult.carried``; the backbone gathers its slot-aligned fields
+with the kept tokens and hands it back inside the :class:`PointState` of the next point.
 
 Optional hooks, all off by default, let a method do more than select tokens:
 
@@ -29,17 +30,60 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal, get_args
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
+
+from prato_exp.tokens.token_set import gather_slots
 
 if TYPE_CHECKING:
     from prato_exp.tokens.blocks import BlockParts
 
 PruneMode = Literal["drop", "mask", "zero_once"]
 FillMode = Literal["zero", "carry"]
+
+
+SLOT_ALIGNED: dict[str, Any] = {"slots": True}
+"""Metadata of a :class:`CarriedState` field ``(B, N, ...)`` aligned with the alive tokens (gathered with
+them): ``name: Tensor = field(metadata=SLOT_ALIGNED)``."""
+
+
+@dataclass
+class CarriedState:
+    """Base of a method's own state, carried from one pruning point to the next.
+
+    A subclass is a dataclass of tensors. Fields declared with :func:`slot_field` are slot-aligned with
+    the alive tokens and gathered with them when ``drop`` removes tokens; the others (on the full grid,
+    ``(B, Z, ...)``) are handed on as they are.
+    """
+
+    def gathered(self, order: Tensor, valid: Tensor) -> Self:
+        """The state after a gather by ``order`` ``(B, N')`` (``valid`` False on padding slots)."""
+        slots = {
+            f.name: gather_slots(getattr(self, f.name), order, valid)
+            for f in fields(self)
+            if f.metadata.get("slots")
+        }
+        return replace(self, **slots)
+
+
+@dataclass
+class PointState:
+    """What the backbone hands a pruner at a pruning point (and to the blocks a pruner runs itself).
+
+    Attributes:
+        exempt: ``(B,)`` bool, images the ``no_pruning`` fallback exempts from pruning, or None.
+        keep: ``(B, Z)`` bool, the last point's keep mask (exemptions applied); set only for pruners that
+            run the blocks after their point themselves.
+        carried: the method's own state from the previous point (or its attention observer).
+    """
+
+    exempt: Tensor | None = None
+    keep: Tensor | None = None
+    carried: CarriedState | None = None
 
 
 @dataclass
@@ -54,10 +98,8 @@ class PruneResult:
             to the pruner's parameters.
         aux_losses: named scalar losses the LightningModule adds to the task loss and logs.
         extras: pruner-specific tensors for plots and diagnostics (e.g. PrATo's entropy, weights).
-        state: ``(B, N, ...)`` tensors slot-aligned with the tokens, gathered with the kept tokens and
-            handed to the next pruning point (and to :meth:`TokenPruner.run_block`). The backbone adds
-            ``exempt`` (``(B, N)`` bool, True in images the ``no_pruning`` fallback exempts) and, for
-            pruners that run blocks, ``keep`` (after the exemption).
+        carried: the method's state for the next pruning point (and :meth:`TokenPruner.run_block`), or
+            None; the backbone gathers its slot fields with the kept tokens.
         early_logits: ``(B, K, h, w)`` per-token class logits already final where ``exit_grid`` holds
             (DToP); the backbone writes them into its output and the LightningModule supervises them
             with the task loss times ``early_loss_weight``.
@@ -69,7 +111,7 @@ class PruneResult:
     token_scale: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
-    state: dict[str, Tensor] = field(default_factory=dict)
+    carried: CarriedState | None = None
     early_logits: Tensor | None = None
     exit_grid: Tensor | None = None
     early_loss_weight: float = 1.0
@@ -140,7 +182,7 @@ class TokenPruner(nn.Module):
         positions: Tensor | None = None,
         valid: Tensor | None = None,
         attn: Tensor | None = None,
-        state: dict[str, Tensor] | None = None,
+        state: PointState | None = None,
     ) -> PruneResult:
         """Score the alive tokens and select those to keep.
 
@@ -153,8 +195,8 @@ class TokenPruner(nn.Module):
             valid: ``(B, N)`` bool, False on padding slots; all True when None.
             attn: ``(B, heads, N, N)`` attention weights of the previous block, only for pruners
                 with ``needs_attention``.
-            state: what the previous point's result (and :meth:`observe_attention`) left,
-                slot-aligned with ``tokens``; empty at the first point.
+            state: exemptions and what the previous point's result (and :meth:`observe_attention`)
+                carried, aligned with ``tokens``; no carried state at the first point.
         """
         b, n, _ = tokens.shape
         if positions is None:
@@ -162,15 +204,15 @@ class TokenPruner(nn.Module):
         if valid is None:
             valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
         result = self.score_and_select(
-            tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state=state or {}
+            tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state=state or PointState()
         )
         result.keep = result.keep & valid
         return result
 
     def observe_attention(
-        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
-    ) -> dict[str, Tensor]:
-        """Update ``state`` from one block's attention ``weights`` ``(B, heads, N, N)`` (softmaxed).
+        self, weights: Tensor, valid: Tensor, state: PointState, block_index: int
+    ) -> PointState:
+        """Update ``state.carried`` from one block's attention ``weights`` ``(B, heads, N, N)`` (softmaxed).
 
         Called for every block after the previous pruning point up to this one, only when
         ``needs_attention``; ``block_index`` is 1-based, ``valid`` ``(B, N)`` marks real tokens.
@@ -181,11 +223,11 @@ class TokenPruner(nn.Module):
         """True when the blocks after this point must be run by :meth:`run_block`, not the backbone."""
         return False
 
-    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Run one block on the full grid ``tokens`` ``(B, Z, C)``; ``state`` holds ``keep`` (B, Z)."""
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: PointState) -> tuple[Tensor, PointState]:
+        """Run one block on the full grid ``tokens`` ``(B, Z, C)``; ``state.keep`` is ``(B, Z)``."""
         raise NotImplementedError(f"{type(self).__name__} does not run blocks itself")
 
-    def grid_view(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def grid_view(self, tokens: Tensor, state: PointState) -> Tensor:
         """What the decoder reads of ``tokens`` ``(B, Z, C)`` after :meth:`run_block` (default: all)."""
         return tokens
 
@@ -216,7 +258,7 @@ class TokenPruner(nn.Module):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Return the :class:`PruneResult` for the (already defaulted) arguments of :meth:`forward`."""
         raise NotImplementedError

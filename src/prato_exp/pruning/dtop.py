@@ -36,10 +36,20 @@ Departures for this framework, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    CarriedState,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.tokens.token_set import write_to_grid
 
 
@@ -61,6 +71,14 @@ def exit_mask(probs: Tensor, valid: Tensor, p0: float, k_keep: int) -> Tensor:
             top = torch.zeros_like(candidate).scatter(1, order, True)
             protect |= top & in_class
     return candidate & ~protect
+
+
+@dataclass
+class DToPState(CarriedState):
+    """``canvas`` ``(B, Z, K)``: per grid place, the head logits of the point where it exited (or the
+    latest head's where it is still alive); on the grid, so never gathered."""
+
+    canvas: Tensor
 
 
 class DToPPruner(TokenPruner):
@@ -133,7 +151,7 @@ class DToPPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Head logits for every alive token; easy tokens exit with their prediction."""
         b = tokens.shape[0]
@@ -144,13 +162,16 @@ class DToPPruner(TokenPruner):
             probs = logits.softmax(dim=-1)
             exits = exit_mask(probs, valid, self.p0, self.k_keep) & self.exits_enabled()
             confidence = probs.amax(dim=-1).masked_fill(~valid, 0.0)
-        previous = state.get("grid_canvas", logits.new_zeros(b, z, self.num_classes))
+        carried = state.carried
+        previous = (
+            carried.canvas if isinstance(carried, DToPState) else logits.new_zeros(b, z, self.num_classes)
+        )
         canvas = write_to_grid(previous, logits, positions, valid)
         exit_grid = write_to_grid(exits.new_zeros(b, z), exits, positions, valid)
         return PruneResult(
             keep=valid & ~exits,
             scores=confidence,
-            state={"grid_canvas": canvas},
+            carried=DToPState(canvas),
             early_logits=canvas.transpose(1, 2).reshape(b, self.num_classes, h, w),
             exit_grid=exit_grid,
             early_loss_weight=self.head_loss_weight,

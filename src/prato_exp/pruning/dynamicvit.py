@@ -34,11 +34,22 @@ Departures for dense prediction, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    SLOT_ALIGNED,
+    CarriedState,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
 from prato_exp.tokens.blocks import BlockParts, WeightsFn
@@ -60,6 +71,13 @@ def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:
         return ((exp + eps / n) / (exp.sum(dim=-1, keepdim=True) + eps)).to(in_dtype)
 
     return weights
+
+
+@dataclass
+class DynamicViTState(CarriedState):
+    """``policy`` ``(B, N)``: the training keep policy ``D`` (0/1 in value, with the sample's gradient)."""
+
+    policy: Tensor = field(metadata=SLOT_ALIGNED)
 
 
 class DynamicViTPruner(TokenPruner):
@@ -128,10 +146,10 @@ class DynamicViTPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
-        prev = self._policy(state) if "policy" in state else valid.to(tokens.dtype)
+        prev = self._policy(state) if isinstance(state.carried, DynamicViTState) else valid.to(tokens.dtype)
         log_probs = self.predictor(tokens, prev).log_softmax(dim=-1)
         scores = log_probs[..., 0].exp()
         if not self.training:
@@ -141,7 +159,7 @@ class DynamicViTPruner(TokenPruner):
         policy = sample.to(tokens.dtype) * prev * valid.to(tokens.dtype)
         kept_fraction = policy.sum(dim=1) / policy.shape[1]
         pruned_rows = (
-            ~state["exempt"][:, 0] if "exempt" in state else torch.ones_like(kept_fraction, dtype=torch.bool)
+            ~state.exempt if state.exempt is not None else torch.ones_like(kept_fraction, dtype=torch.bool)
         )
         squared = (kept_fraction - self.target_ratio()) ** 2
         ratio_loss = (squared * pruned_rows).sum() / pruned_rows.sum().clamp_min(1)
@@ -149,26 +167,27 @@ class DynamicViTPruner(TokenPruner):
             keep=policy.detach() > 0.5,
             scores=scores.detach(),
             aux_losses={"keep_ratio": self.ratio_weight / self.num_points * ratio_loss},
-            state={"policy": policy},
+            carried=DynamicViTState(policy),
         )
 
-    def _policy(self, state: dict[str, Tensor]) -> Tensor:
+    def _policy(self, state: PointState) -> Tensor:
         """The policy in value equal to ``keep`` (exemptions applied), with the sample's gradient.
 
-        Images exempt from pruning (``state["exempt"]``) keep everything and pass no gradient.
+        Images exempt from pruning (``state.exempt``) keep everything and pass no gradient.
         """
-        policy = state["policy"]
+        assert isinstance(state.carried, DynamicViTState) and state.keep is not None
+        policy = state.carried.policy
         straight_through = policy - policy.detach()
-        if "exempt" in state:
-            straight_through = straight_through * (~state["exempt"]).to(policy.dtype)
-        return state["keep"].to(policy.dtype) + straight_through
+        if state.exempt is not None:
+            straight_through = straight_through * (~state.exempt)[:, None].to(policy.dtype)
+        return state.keep.to(policy.dtype) + straight_through
 
-    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: PointState) -> tuple[Tensor, PointState]:
         """One block on all tokens, attention restricted by the policy (training only)."""
         r1, _ = parts.attention(tokens, policy_weights(self._policy(state)))
         tokens = tokens + r1
         return tokens + parts.mlp(tokens), state
 
-    def grid_view(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+    def grid_view(self, tokens: Tensor, state: PointState) -> Tensor:
         """Dropped places read as zero, as with ``fill=zero`` at inference."""
         return tokens * self._policy(state)[..., None].to(tokens.dtype)

@@ -30,13 +30,24 @@ Departures for dense prediction, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 from torch import Tensor
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    SLOT_ALIGNED,
+    CarriedState,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
 from prato_exp.tokens.blocks import BlockParts, key_bias
-from prato_exp.tokens.token_set import AliveTokens, gather_slots, kept_order, scatter_to_grid, write_to_grid
+from prato_exp.tokens.token_set import gather_slots, kept_order, scatter_slots, write_to_grid
 
 
 def received_attention(weights: Tensor, valid: Tensor) -> Tensor:
@@ -49,6 +60,13 @@ def received_attention(weights: Tensor, valid: Tensor) -> Tensor:
         weights.dtype
     )
     return received * valid.to(weights.dtype)
+
+
+@dataclass
+class EvoViTState(CarriedState):
+    """``global_attn`` ``(B, N)``: the global attention ``g`` of every token (Evo-ViT keeps the full grid)."""
+
+    global_attn: Tensor = field(metadata=SLOT_ALIGNED)
 
 
 class EvoViTPruner(TokenPruner):
@@ -97,10 +115,10 @@ class EvoViTPruner(TokenPruner):
         return f"q={self.q}, momentum={self.momentum}, representative={self.representative}"
 
     def observe_attention(
-        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
-    ) -> dict[str, Tensor]:
+        self, weights: Tensor, valid: Tensor, state: PointState, block_index: int
+    ) -> PointState:
         """Before the first point, ``g`` is the last observed block's received attention."""
-        return {**state, "global_attn": received_attention(weights, valid)}
+        return replace(state, carried=EvoViTState(received_attention(weights, valid)))
 
     def runs_blocks(self) -> bool:
         return True
@@ -114,19 +132,23 @@ class EvoViTPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """The informative tokens: the top PrATo-count of the global attention ``g``."""
         if tokens.shape[1] != grid_hw[0] * grid_hw[1]:
             raise ValueError("evovit expects the full token grid at every point (it never drops tokens)")
-        g = state["global_attn"]
+        assert isinstance(state.carried, EvoViTState), (
+            "Evo-ViT observes the attention of the blocks before it"
+        )
+        g = state.carried.global_attn
         count = cumulative_count(valid.sum(dim=1), self.q, self.point_index + 1)
         keep = keep_top(g, valid, count.clamp_min(1))
-        return PruneResult(keep=keep, scores=g, state={"global_attn": g})
+        return PruneResult(keep=keep, scores=g, carried=EvoViTState(g))
 
-    def run_block(self, parts: BlockParts, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    def run_block(self, parts: BlockParts, tokens: Tensor, state: PointState) -> tuple[Tensor, PointState]:
         """Slow path for informative tokens + representative, fast path for placeholders."""
-        keep, g = state["keep"], state["global_attn"]
+        assert state.keep is not None and isinstance(state.carried, EvoViTState)
+        keep, g = state.keep, state.carried.global_attn
         z = tokens.shape[1]
         order, inf_valid = kept_order(keep)
         informative = gather_slots(tokens, order, inf_valid)
@@ -146,7 +168,7 @@ class EvoViTPruner(TokenPruner):
         fill = tokens
         if self.representative:
             fill = tokens + (r1 + r2)[:, n_inf:] * placeholder[..., None].to(tokens.dtype)
-        grid = scatter_to_grid(AliveTokens(out[:, :n_inf], order, inf_valid), z, fill)
+        grid = scatter_slots(out[:, :n_inf], order, inf_valid, z, fill)
         received = received_attention(weights.detach()[:, :, :n_inf, :n_inf], inf_valid)
         updated = (1 - self.momentum) * torch.gather(g, 1, order) + self.momentum * received
-        return grid, {**state, "global_attn": write_to_grid(g, updated, order, inf_valid)}
+        return grid, replace(state, carried=EvoViTState(write_to_grid(g, updated, order, inf_valid)))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import fixed_keep, percentile_keep
 
 ThresholdMode = Literal["percentile", "fixed"]
@@ -388,7 +388,7 @@ class PrATo(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor] | None = None,
+        state: PointState | None = None,
     ) -> PruneResult:
         """Score the alive tokens against the box prompt and select those to keep.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 
 
@@ -70,7 +70,7 @@ class RandomPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Draw ``u ~ U(0, 1)`` per token (on the CPU) and keep the top count of ``u``."""
         generator = None if self.training else self.generator

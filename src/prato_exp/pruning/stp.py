@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
 from prato_exp.tokens.token_set import write_to_grid
@@ -164,7 +164,7 @@ class STPPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Soft top-K with a straight-through scale in training, hard top-K of ``s`` at inference."""
         log_scores = F.logsigmoid(self.predictor(tokens, valid.to(tokens.dtype))[..., 0]).float()

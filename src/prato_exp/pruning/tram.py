@@ -25,10 +25,21 @@ Departures, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 from torch import Tensor
 
-from prato_exp.pruning.base import FillMode, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    SLOT_ALIGNED,
+    CarriedState,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 
 
@@ -38,6 +49,13 @@ def layer_relevance(weights: Tensor, valid: Tensor) -> Tensor:
     attn = weights.amax(dim=1) * pair.to(weights.dtype)
     in_degree = attn.sum(dim=1)
     return torch.einsum("bij,bi->bj", attn, in_degree)
+
+
+@dataclass
+class TRAMState(CarriedState):
+    """``centrality`` ``(B, N)``: the accumulated attention centrality of the alive tokens."""
+
+    centrality: Tensor = field(metadata=SLOT_ALIGNED)
 
 
 class TRAMPruner(TokenPruner):
@@ -78,12 +96,13 @@ class TRAMPruner(TokenPruner):
         return f"q={self.q}, depth={self.depth}, mode={self.mode}, fill={self.fill}"
 
     def observe_attention(
-        self, weights: Tensor, valid: Tensor, state: dict[str, Tensor], block_index: int
-    ) -> dict[str, Tensor]:
+        self, weights: Tensor, valid: Tensor, state: PointState, block_index: int
+    ) -> PointState:
         """``C += (l / depth) r_l`` for block ``l`` = ``block_index``."""
         relevance = layer_relevance(weights.float(), valid)
-        previous = state.get("centrality", torch.zeros_like(relevance))
-        return {**state, "centrality": previous + (block_index / self.depth) * relevance}
+        carried = state.carried
+        previous = carried.centrality if isinstance(carried, TRAMState) else torch.zeros_like(relevance)
+        return replace(state, carried=TRAMState(previous + (block_index / self.depth) * relevance))
 
     def score_and_select(
         self,
@@ -94,9 +113,10 @@ class TRAMPruner(TokenPruner):
         positions: Tensor,
         valid: Tensor,
         attn: Tensor | None,
-        state: dict[str, Tensor],
+        state: PointState,
     ) -> PruneResult:
         """Keep PrATo's count of the most central tokens; carry their centrality."""
-        centrality = state["centrality"].masked_fill(~valid, 0.0)
+        assert isinstance(state.carried, TRAMState), "TRAM observes the attention of the blocks before it"
+        centrality = state.carried.centrality.masked_fill(~valid, 0.0)
         keep = percentile_keep(centrality, valid, self.q, self.min_keep)
-        return PruneResult(keep=keep, scores=centrality, state={"centrality": centrality})
+        return PruneResult(keep=keep, scores=centrality, carried=TRAMState(centrality))

@@ -82,7 +82,7 @@ def _scores_on_grid(scores: Tensor, alive_before: Tensor | None, num_grid: int) 
 
     ``scores`` ``(N,)`` are per alive slot: ``N == Z`` when the point saw the full grid (the first point,
     ``mask`` and ``zero_once`` modes); otherwise the slots are the places alive after the previous point,
-    in ascending grid order (``tokens.token_set.gather_kept``), followed by padding.
+    in ascending grid order (``TokenSet.select(keep, "drop")``), followed by padding.
     """
     values = scores.detach().float().cpu().numpy()
     grid = np.full(num_grid, np.nan, dtype=np.float32)

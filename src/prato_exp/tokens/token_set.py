@@ -1,37 +1,143 @@
-"""Tensor helpers that move tokens between the full grid and the set of alive tokens.
+"""The token set: the tokens a block runs on, where they sit on the grid, and the mode/fill plumbing.
 
-A plain-ViT backbone keeps three tensors while it runs pruned blocks:
-``tokens`` ``(B, N, C)``, their grid ``positions`` ``(B, N)`` long, and ``valid`` ``(B, N)`` bool
-(False on padding slots). At the start ``N = Z = h * w``, ``positions = arange(Z)`` and all are valid.
+Every backbone keeps one :class:`TokenSet` while it runs pruned blocks: ``tokens`` ``(B, N, C)``, their
+grid ``positions`` ``(B, N)`` long, ``valid`` ``(B, N)`` bool and ``grid_hw``. It has one of two
+layouts:
+
+- gathered (``on_grid=False``): slot ``n`` holds the token of grid place ``positions[b, n]``; slots past
+  an image's count are padding (``valid`` False, zero tokens). What ``drop`` runs on.
+- on the grid (``on_grid=True``): ``N = Z = h * w`` and slot ``n`` is place ``n``; ``valid`` marks the
+  places still alive and the others hold zeros. What ``mask`` runs on.
+
+:meth:`TokenSet.select` executes a keep mask in either mode, :meth:`TokenSet.to_grid` puts the set back
+on the grid with a fill rule, :func:`child_keep` carries a keep mask to the next stage of a hierarchical
+model (a child is kept if any parent in its ``stride x stride`` footprint is). The free functions below
+are the index operations these are made of; pruners use them on their own slot-aligned tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+SelectMode = Literal["drop", "mask"]
 
 
 @dataclass
-class AliveTokens:
-    """The tokens a block runs on, with where they sit on the grid."""
+class TokenSet:
+    """Tokens alive on a ``grid_hw`` grid (see the module docstring for the two layouts)."""
 
     tokens: Tensor
     positions: Tensor
     valid: Tensor
+    grid_hw: tuple[int, int]
+    on_grid: bool = False
 
     @classmethod
-    def full_grid(cls, tokens: Tensor) -> AliveTokens:
-        """All ``Z`` grid tokens of ``tokens`` ``(B, Z, C)`` alive, in row-major order."""
+    def full(cls, tokens: Tensor, grid_hw: tuple[int, int]) -> TokenSet:
+        """All ``Z`` grid tokens of ``tokens`` ``(B, Z, C)`` alive, slot ``n`` = place ``n`` (both layouts
+        at once; the grid layout is recorded)."""
         b, z, _ = tokens.shape
+        if z != grid_hw[0] * grid_hw[1]:
+            raise ValueError(f"{z} tokens do not fill a {grid_hw[0]} x {grid_hw[1]} grid")
         positions = torch.arange(z, device=tokens.device).expand(b, z)
         valid = torch.ones(b, z, dtype=torch.bool, device=tokens.device)
-        return cls(tokens, positions, valid)
+        return cls(tokens, positions, valid, (int(grid_hw[0]), int(grid_hw[1])), on_grid=True)
+
+    @property
+    def num_grid(self) -> int:
+        """``Z = h * w``."""
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def slots(self) -> Tensor:
+        """``(B, N)`` bool: slots that hold a grid place (all of them on the grid; not padding)."""
+        return torch.ones_like(self.valid) if self.on_grid else self.valid
+
+    def with_tokens(self, tokens: Tensor) -> TokenSet:
+        """The same layout holding new ``tokens`` ``(B, N, C')``."""
+        return replace(self, tokens=tokens)
 
     def alive_count(self) -> Tensor:
-        """``(B,)`` number of real (non-padding) tokens per image."""
+        """``(B,)`` number of alive tokens per image."""
         return self.valid.sum(dim=1)
+
+    def keep_grid(self) -> Tensor:
+        """``(B, Z)`` bool: which grid places hold an alive token."""
+        if self.on_grid:
+            return self.valid
+        return keep_on_grid(self.positions, self.valid, self.num_grid)
+
+    def rezero(self, tokens: Tensor | None = None) -> Tensor:
+        """``tokens`` (default: the set's) ``(B, N, C)`` with every slot that is not alive set to zero."""
+        tokens = self.tokens if tokens is None else tokens
+        return tokens * self.valid[..., None].to(tokens.dtype)
+
+    def select(self, keep: Tensor, mode: SelectMode) -> TokenSet:
+        """Execute ``keep`` ``(B, N)`` bool (slot-aligned): ``drop`` gathers the kept tokens (padding to
+        the batch's largest count, in grid order), ``mask`` keeps the grid and zeroes the pruned places."""
+        keep = keep & self.valid
+        if mode == "drop":
+            order, valid = kept_order(keep)
+            return TokenSet(
+                gather_slots(self.tokens, order, valid),
+                gather_slots(self.positions, order, valid),
+                valid,
+                self.grid_hw,
+            )
+        if mode == "mask":
+            if self.on_grid:
+                grid, alive = self, keep
+            else:
+                grid = self._as_grid_layout()
+                alive = write_to_grid(torch.zeros_like(grid.valid), keep, self.positions, self.valid)
+            tokens = grid.tokens * alive[..., None].to(grid.tokens.dtype)
+            return TokenSet(tokens, grid.positions, alive, self.grid_hw, on_grid=True)
+        raise ValueError(f"unknown select mode {mode!r}")
+
+    def _as_grid_layout(self) -> TokenSet:
+        return replace(TokenSet.full(self.to_grid(), self.grid_hw), valid=self.keep_grid())
+
+    def to_grid(self, fill: Tensor | None = None) -> Tensor:
+        """``(B, Z, C)``: the alive tokens at their places, every other place ``fill`` ``(B, Z, C)``
+        (zeros when None). Padding slots are never written."""
+        if self.on_grid:
+            grid = self.rezero()
+            return grid if fill is None else torch.where(self.valid[..., None], grid, fill)
+        return scatter_slots(self.tokens, self.positions, self.valid, self.num_grid, fill)
+
+    def to_map(self, fill: Tensor | None = None) -> Tensor:
+        """``(B, C, h, w)`` feature map of :meth:`to_grid`."""
+        grid = self.to_grid(fill)
+        return grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *self.grid_hw)
+
+    def from_map(self, feature_map: Tensor) -> Tensor:
+        """``(B, C', h, w)`` map -> ``(B, N, C')`` its values at the set's slots (zero where not alive)."""
+        flat = feature_map.flatten(2).transpose(1, 2)  # (B, Z, C')
+        if not self.on_grid:
+            flat = torch.gather(flat, 1, self.positions[..., None].expand(-1, -1, flat.shape[-1]))
+        return self.rezero(flat)
+
+
+def child_keep(keep: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> tuple[Tensor, tuple[int, int]]:
+    """The parent rule between stages: a child place is kept if any parent in its ``stride x stride``
+    footprint is (odd sides padded at the bottom/right, as patch merging and strided embeddings do).
+
+    Args:
+        keep: ``(B, h * w)`` bool, row-major on ``grid_hw``.
+        grid_hw: ``(h, w)``.
+        stride: the footprint side (2 for Swin's patch merging and MiT's embeddings).
+
+    Returns:
+        ``(B, h' * w')`` bool and ``(h', w') = (ceil(h / stride), ceil(w / stride))``.
+    """
+    b = keep.shape[0]
+    pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), stride, stride, ceil_mode=True)
+    return pooled.flatten(1) > 0, (int(pooled.shape[-2]), int(pooled.shape[-1]))
 
 
 def kept_order(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,40 +161,24 @@ def gather_slots(values: Tensor, order: Tensor, valid: Tensor) -> Tensor:
     return torch.where(pad, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
 
 
-def gather_kept(alive: AliveTokens, keep: Tensor) -> AliveTokens:
-    """Keep only the tokens where ``keep`` ``(B, N)`` is True, padding to the batch's largest count.
-
-    Kept tokens stay in ascending grid order. Padding slots get zeros, position 0 and ``valid`` False;
-    where every image keeps the same number (percentile mode) there is no padding at all.
-    """
-    order, valid = kept_order(keep & alive.valid)
-    tokens = gather_slots(alive.tokens, order, valid)
-    positions = gather_slots(alive.positions, order, valid)
-    return AliveTokens(tokens, positions, valid)
+def keep_on_grid(positions: Tensor, valid: Tensor, num_grid: int) -> Tensor:
+    """``(B, Z)`` bool: the grid places that a valid slot of ``positions`` ``(B, N)`` points to."""
+    counts = torch.zeros(valid.shape[0], num_grid, dtype=torch.int32, device=valid.device)
+    return counts.scatter_add(1, positions, valid.to(torch.int32)) > 0
 
 
-def scatter_to_grid(alive: AliveTokens, num_grid: int, fill: Tensor | None = None) -> Tensor:
-    """Place alive tokens back on the ``(B, Z, C)`` grid; other places get ``fill`` (zeros if None).
-
-    Padding slots are never written.
-    """
-    b, _, c = alive.tokens.shape
-    grid = (
-        torch.zeros(b, num_grid, c, dtype=alive.tokens.dtype, device=alive.tokens.device)
-        if fill is None
-        else fill.clone()
-    )
-    values = alive.tokens * alive.valid[..., None].to(alive.tokens.dtype)
-    index = alive.positions[..., None].expand(-1, -1, c)
-    if fill is not None:
-        grid = grid * (~keep_on_grid(alive, num_grid))[..., None].to(grid.dtype)
-    return grid.scatter_add(1, index, values)
-
-
-def keep_on_grid(alive: AliveTokens, num_grid: int) -> Tensor:
-    """``(B, Z)`` bool: which grid places hold an alive token."""
-    counts = torch.zeros(alive.valid.shape[0], num_grid, dtype=torch.int32, device=alive.valid.device)
-    return counts.scatter_add(1, alive.positions, alive.valid.to(torch.int32)) > 0
+def scatter_slots(
+    values: Tensor, positions: Tensor, valid: Tensor, num_grid: int, fill: Tensor | None = None
+) -> Tensor:
+    """``(B, Z, C)``: ``values`` ``(B, N, C)`` at their ``positions`` ``(B, N)``; places no ``valid``
+    slot points to hold ``fill`` ``(B, Z, C)`` (zeros when None). Padding slots are never written."""
+    b, _, c = values.shape
+    if fill is None:
+        grid = values.new_zeros(b, num_grid, c)
+    else:
+        grid = fill.clone() * (~keep_on_grid(positions, valid, num_grid))[..., None].to(fill.dtype)
+    index = positions[..., None].expand(-1, -1, c)
+    return grid.scatter_add(1, index, values * valid[..., None].to(values.dtype))
 
 
 def write_to_grid(grid: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> Tensor:

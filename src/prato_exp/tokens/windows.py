@@ -154,8 +154,3 @@ def merge_2x2(grid: Tensor) -> Tensor:
     h, w = grid.shape[1:3]
     grid = F.pad(grid, (0, 0, 0, w % 2, 0, h % 2))
     return torch.cat([grid[:, r::2, c::2, :] for r, c in _MERGE_ORDER], dim=-1)
-
-
-def merge_keep(keep: Tensor) -> Tensor:
-    """``(B, h, w)`` bool keep mask to the merged grid: a merged place is kept if any parent is kept."""
-    return merge_2x2(keep[..., None].to(torch.uint8)).amax(dim=-1).bool()
