@@ -317,6 +317,42 @@ def test_rerun_gives_identical_tables(runs, out, tmp_path):
             assert (tmp_path / f"{name}{ext}").read_bytes() == (out / f"{name}{ext}").read_bytes()
 
 
+def _archive_script(*args: str) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "archive_runs.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+
+def test_archived_runs_give_the_same_tables(runs, out, tmp_path):
+    done = _archive_script(str(runs), "--dest", str(tmp_path / "archive"))
+    assert done.returncode == 0, done.stderr
+    report([tmp_path / "archive"], tmp_path / "report", figures=False)
+    for name in ("table1_components_acdc", "table6_prompts_acdc", "table5_backbones_isic"):
+        archived, original = _csv(tmp_path / "report" / f"{name}.csv"), _csv(out / f"{name}.csv")
+        assert archived.keys() == original.keys()
+        for row, cells in original.items():  # every cell but the run folders' paths
+            assert {k: v for k, v in archived[row].items() if k != "runs"} == {
+                k: v for k, v in cells.items() if k != "runs"
+            }
+            assert [Path(p).name for p in archived[row]["runs"].split()] == [
+                Path(p).name for p in cells["runs"].split()
+            ]
+
+
+def test_archiving_leaves_out_unfinished_runs_and_never_overwrites(runs, tmp_path):
+    unfinished = tmp_path / "sweep" / "7_unfinished"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("seed: 0\n")
+    finished = tmp_path / "sweep" / "t1_0_0"
+    finished.mkdir()
+    for name in ("config.yaml", "metrics.json"):
+        (finished / name).write_bytes((runs / "t1_0_0" / name).read_bytes())
+    first = _archive_script(str(tmp_path / "sweep"), "--dest", str(tmp_path / "archive"))
+    assert first.returncode == 0 and "7_unfinished" in first.stderr
+    assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == ["t1_0_0"]
+    again = _archive_script(str(tmp_path / "sweep"), "--dest", str(tmp_path / "archive"))
+    assert again.returncode != 0 and "never overwritten" in again.stderr
+
+
 def test_all_zero_differences_and_a_lone_reference(tmp_path):
     for row in ("k=5", "k=3"):
         make_run(
