@@ -63,6 +63,22 @@ def test_a_command_line_value_wins_over_the_experiment():
     assert (cfg.datamodule.batch_size, cfg.trainer.max_epochs) == (4, 2)
 
 
+@pytest.mark.parametrize(("dataset", "lr"), [("acdc", 1e-3), ("isic", 3e-4), ("synthetic_cardiac", 1e-3)])
+def test_the_cnn_row_takes_its_learning_rate_per_dataset(dataset, lr):
+    assert compose_train(["row=basic_unet", f"dataset={dataset}"]).optimizer.lr == lr
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_the_cnn_row_of_an_isic_table_runs_at_the_isic_rate(scale):
+    overrides = ["experiment=table4_pruners", "dataset=isic", f"scale={scale}"]
+    assert compose_train([*overrides, "row=basic_unet"]).optimizer.lr == 3e-4
+    assert compose_train([*overrides, "row=prato"]).optimizer.lr == (3e-4 if scale == "cpu" else 1e-4)
+
+
+def test_no_row_composes_without_a_row_dataset_setting():
+    assert compose_train(["dataset=isic", "scale=cpu"]).optimizer.lr == 3e-4
+
+
 def _sweep(experiment: str) -> dict[str, list[str]]:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
