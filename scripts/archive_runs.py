@@ -1,12 +1,14 @@
 """Copy the small record of finished runs into the repository, so tables can grow across machines.
 
 A table at CPU scale takes longer than one working session, and run folders (``outputs/``, with their
-checkpoints) are never committed. What ``prato-report`` reads of a run is small: ``config.yaml``,
-``metrics.json`` (metrics, per-case rows, efficiency, environment with the commit) and
-``report_samples.npz`` (the fixed slices its figures draw). This copies those, plus ``train.log`` and
-``splits.json`` for provenance, from every finished run under the given folders into
-``<dest>/<run folder name>/``; ``prato-report <dest>`` then builds the tables from the archive exactly as
-from the run folders (checked by ``tests/test_report.py``).
+checkpoints) are never committed. What ``prato-report`` reads for its tables is small: ``config.yaml``
+and ``metrics.json`` (metrics, per-case rows, efficiency, environment with the commit). This copies
+those, plus ``train.log`` and ``splits.json`` for provenance, from every finished run under the given
+folders into ``<dest>/<run folder name>/``; ``prato-report <dest>`` then builds the tables from the
+archive exactly as from the run folders (checked by ``tests/test_report.py``).
+
+``report_samples.npz`` is not copied: it holds image slices and ground-truth masks of the dataset, and
+the data is never copied into the repository. Figures are drawn from the run folders themselves.
 
     python scripts/archive_runs.py outputs/multirun/<sweep> --dest docs/results/paper/runs/table3_roialign_k
 
@@ -21,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ARCHIVED = ("config.yaml", "metrics.json", "report_samples.npz", "train.log", "splits.json")
+ARCHIVED = ("config.yaml", "metrics.json", "train.log", "splits.json")
 """What is copied of a run folder (each only if present, except ``metrics.json`` and ``config.yaml``)."""
 MAX_FILE_BYTES = 2 * 1024 * 1024
 

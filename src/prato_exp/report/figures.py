@@ -348,7 +348,7 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
             (
                 axes[i, 1],
                 weights,
-                "(b) inverse-entropy weights Omega",
+                "(b) inverse-entropy weights Omega (normalised ranks: uniform by construction)",
                 max(2, round(weights.shape[1] ** 0.5)),
             ),
         )
@@ -375,7 +375,9 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
     stem = folder / "fig8_scores_weights"
     _save(fig, stem)
     return Figure(
-        stem, "Fig. 8: distribution of relevance scores (a) and inverse-entropy weights (b) vs uniform"
+        stem,
+        "Fig. 8: distribution of relevance scores (a) and inverse-entropy weights (b) vs uniform; the "
+        "weights are normalised ranks of the query entropies (spec step 6), so (b) is flat by construction",
     )
 
 
