@@ -33,6 +33,7 @@ def test_fast_dev_run_writes_metrics(tmp_path):
     assert metrics["efficiency"]["gflops_per_image"] > 0
     assert "val/case/dsc/LV" in metrics["val"] and "test/case/hd95/RV" in metrics["test"]
     assert results["splits"] == {"train": 8, "val": 2, "test": 2}
+    assert metrics["environment"]["retain_freed_memory"] is sys.platform.startswith("linux")
 
 
 @pytest.mark.parametrize("pruning", ["random", "dynamicvit", "evovit", "dtop", "stp", "tram"])

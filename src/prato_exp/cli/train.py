@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from prato_exp.cli.allocator import retain_freed_memory
 from prato_exp.cli.common import (
     CONFIG_DIR,
     add_volume_hd95,
@@ -49,6 +50,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     pl.seed_everything(cfg.seed, workers=True)
     env = environment()  # the commit is read before any work, so a later checkout cannot change it
+    env["retain_freed_memory"] = bool(cfg.get("retain_freed_memory", False)) and retain_freed_memory()
     net = check_run_config(cfg)
     policy = _checkpoint_policy(cfg.eval_checkpoint)
     run_dir = prepare_run_dir(run_dir)
