@@ -123,6 +123,7 @@ def main() -> None:
         "val_mean_dsc_per_volume": history[-1],
         "history": history,
         "threads": torch.get_num_threads(),
+        "seed": args.seed,
     }
     print(json.dumps(result))
     if args.out:

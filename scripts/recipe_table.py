@@ -1,10 +1,12 @@
 """Training-recipe comparison table from run folders: what each run changed, what it reached, how fast.
 
-    python scripts/recipe_table.py outputs/runs/<run> ... --out docs/results/recipe_acdc_cpu.md \
-        --title "CPU recipe on the shared ACDC split" [--anchor "UNETR small=0.67" ...]
+    python scripts/recipe_table.py outputs/runs/<run> ... [plain.json ...] \
+        --out docs/results/recipe_acdc_cpu.md --title "CPU recipe on the shared ACDC split" [--note "..."]
 
 Every figure is read from the runs' ``config.yaml`` and ``metrics.json`` (the scored split's per-case
-means, samples seen and throughput, the commit read when the run started); nothing is typed by hand.
+means, samples seen and throughput, the commit read when the run started), or from the JSON that
+``scripts/plain_unetr_acdc.py --out`` writes (the plain-script yardstick, a row of its own); nothing is
+typed by hand.
 """
 
 from __future__ import annotations
@@ -65,6 +67,29 @@ def recipe_row(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def plain_script_row(path: Path) -> dict[str, Any]:
+    """One table row of a ``scripts/plain_unetr_acdc.py --out`` JSON (its fixed recipe: batch 16, AdamW
+    lr 3e-4 without a schedule, flips only, final-epoch weights on validation)."""
+    result = json.loads(path.read_text())
+    return {
+        "run": f"{path.stem} (plain script)",
+        "model": f"MONAI {'UNETR h192' if result['model'] == 'unetr' else 'BasicUNet'} 128px",
+        "dataset": "ACDC",
+        "batch": 16,
+        "lr": "0.0003",
+        "schedule": "none",
+        "augment": "Flip",
+        "epochs": result["epochs"],
+        "samples seen": result["samples_seen"],
+        "samples/s": result["samples_per_second"],
+        "split": "val (final epoch)",
+        "mean DSC": result["val_mean_dsc_per_volume"],
+        "seed": result.get("seed", 0),
+        "commit": result.get("commit"),
+        "threads": result["threads"],
+    }
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -76,7 +101,7 @@ def _cell(value: Any) -> str:
 def to_markdown(rows: Sequence[dict[str, Any]], title: str, notes: Sequence[str]) -> str:
     """The rows as one Markdown table (columns in first-seen order) under a title and notes."""
     columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("commit", "threads")))
-    commits = sorted({str(r["commit"]) for r in rows})
+    commits = sorted({str(r["commit"]) for r in rows if r.get("commit")})
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     lines += [f"- commit(s) the runs started from: {', '.join(commits)}"]
@@ -90,16 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (with metrics.json)")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="finished run folders (with metrics.json) or plain-script JSONs"
+    )
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     parser.add_argument("--title", default="Training recipes")
     parser.add_argument("--note", action="append", default=[], help="a line under the title (repeatable)")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "metrics.json").is_file()]
+    missing = [str(r) for r in args.runs if not (r.is_file() or (r / "metrics.json").is_file())]
     if missing:
         print("not finished runs (no metrics.json): " + ", ".join(missing), file=sys.stderr)
         return 2
-    rows = [recipe_row(r) for r in args.runs]
+    rows = [plain_script_row(r) if r.is_file() else recipe_row(r) for r in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_markdown(rows, args.title, args.note))
     print(args.out.read_text())

@@ -154,6 +154,19 @@ def test_recipe_table_reads_what_the_run_wrote(trained_run, tmp_path):
     assert f"{metrics['test']['test/case/dsc_mean']:.4f}" in (tmp_path / "t.md").read_text()
 
 
+def test_recipe_table_sets_a_plain_script_result_beside_the_runs(trained_run, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from recipe_table import main
+
+    plain = {"model": "unetr", "epochs": 3, "samples_seen": 3936, "samples_per_second": 8.5,
+             "val_mean_dsc_per_volume": 0.2245, "threads": 2, "seed": 0}  # fmt: skip
+    (tmp_path / "plain_a.json").write_text(json.dumps(plain))
+    assert main([str(trained_run), str(tmp_path / "plain_a.json"), "--out", str(tmp_path / "t.md")]) == 0
+    plain_line = next(line for line in (tmp_path / "t.md").read_text().splitlines() if "plain script" in line)
+    assert "| MONAI UNETR h192 128px | ACDC | 16 | 0.0003 |" in plain_line
+    assert "| 3936 | 8.5000 |" in plain_line and "| 0.2245 |" in plain_line
+
+
 def test_metrics_json_keeps_the_learning_curve(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert [p["epoch"] for p in metrics["val_history"]] == [1, 2]
