@@ -68,6 +68,8 @@ def test_short_training_writes_checkpoint_metrics_and_wandb_run(trained_run):
     assert Path(metrics["best_checkpoint"]).is_file()
     assert 0.0 <= metrics["test"]["test/case/dsc/lesion"] <= 1.0
     assert metrics["efficiency"]["latency"]["median_ms"] > 0
+    load = metrics["efficiency"]["machine_load"]
+    assert load["load_average_1min"] >= 0 and load["cores"] >= 1
     assert list((trained_run / "wandb").glob("offline-run-*"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -263,8 +264,20 @@ def efficiency_report(
         report["flop_ratio"] = flops / base_flops
         report["pruned_part_flop_ratio"] = part_flops / base_part if base_part else None
         report["latency_ratio"] = report["latency"]["median_ms"] / report["unpruned"]["latency"]["median_ms"]
+    report["machine_load"] = machine_load()
     net.train(was_training)
     return report
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average against the cores this process may use, read right after a timing: a
+    load well above what this process runs means the timing shared the machine (the report flags it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def report_block(cfg: DictConfig, split: str, scored_checkpoint: str) -> dict[str, Any]:
