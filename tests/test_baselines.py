@@ -9,7 +9,6 @@ from monai.networks.blocks import TransformerBlock
 from timm.models.vision_transformer import Block
 
 from prato_exp.metrics.efficiency import count_flops
-from prato_exp.models.base import PruningTrace, merge_early_exits
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PointState, PrunerContext, pruning_disabled
 from prato_exp.pruning.budget import percentile_keep_count
@@ -18,6 +17,7 @@ from prato_exp.pruning.dynamicvit import DynamicViTPruner, policy_weights
 from prato_exp.pruning.evovit import EvoViTPruner, EvoViTState, received_attention
 from prato_exp.pruning.random_mask import RandomPruner
 from prato_exp.pruning.stp import STPPruner
+from prato_exp.pruning.trace import PruningTrace
 from prato_exp.pruning.tram import TRAMPruner, TRAMState, layer_relevance
 from prato_exp.tokens.blocks import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
 
@@ -115,9 +115,9 @@ def test_dtop_in_unetr_keeps_only_the_per_class_top_k_and_writes_head_logits():
     assert torch.equal(out.logits.masked_select(exited), early.masked_select(exited))
 
 
-def test_merge_early_exits_is_identity_without_exits():
+def test_final_logits_are_the_decoders_without_early_exits():
     logits = torch.randn(2, 3, 8, 8)
-    assert merge_early_exits(logits, PruningTrace(grid_hw=(2, 2))) is logits
+    assert PruningTrace(grid_hw=(2, 2)).final_logits(logits) is logits
 
 
 # --- random: reproducible ------------------------------------------------------------------------

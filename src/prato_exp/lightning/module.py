@@ -14,7 +14,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prato_exp.metrics.segmentation import foreground_token_recall, upsampled_argmax
@@ -81,20 +80,8 @@ class SegmentationModule(pl.LightningModule):
         target = batch["label"][:, None]
         losses = {"dice_ce": self.loss_fn(out.logits, target)}
         losses.update(out.trace.aux_losses())
-        losses.update(self.early_head_losses(out, target))
+        losses.update(out.trace.early_prediction_losses(self.loss_fn, target))
         return sum(losses.values()), out, losses
-
-    def early_head_losses(self, out: SegOutput, target: Tensor) -> dict[str, Tensor]:
-        """Task loss of every early prediction (DToP's heads), upsampled bilinearly to the label."""
-        points = [(i, r) for i, r in enumerate(out.trace.results) if r.early_logits is not None]
-        losses = {}
-        for i, result in points:
-            logits = F.interpolate(
-                result.early_logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-            name = "early_head" if len(points) == 1 else f"early_head_{i}"
-            losses[name] = result.early_loss_weight * self.loss_fn(logits, target)
-        return losses
 
     def _reset_pruner_rngs(self) -> None:
         for module in self.net.modules():

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from prato_exp.pruning.trace import PruningTrace
 
-__all__ = ["PruningTrace", "SegOutput", "merge_early_exits"]
+__all__ = ["PruningTrace", "SegOutput"]
 
 
 @dataclass
@@ -29,22 +27,3 @@ class SegOutput:
 
     logits: Tensor
     trace: PruningTrace
-
-
-def merge_early_exits(logits: Tensor, trace: PruningTrace) -> Tensor:
-    """Write early predictions (DToP) into the decoder's ``logits`` ``(B, K, H, W)``.
-
-    Places in any result's ``exit_grid`` take the last result's ``early_logits`` (a canvas holding,
-    per place, the head logits of the point where it exited), nearest-upsampled to their patches;
-    everywhere else the decoder's logits stay. The identity when no pruning point made early exits.
-    """
-    exits = [r.exit_grid for r in trace.results if r.exit_grid is not None]
-    canvas = next((r.early_logits for r in reversed(trace.results) if r.early_logits is not None), None)
-    if not exits or canvas is None:
-        return logits
-    h, w = trace.grid_hw
-    exited = torch.stack(exits).any(dim=0).view(-1, 1, h, w)
-    size = logits.shape[-2:]
-    exited = F.interpolate(exited.to(logits.dtype), size=size, mode="nearest").bool()
-    early = F.interpolate(canvas.to(logits.dtype), size=size, mode="nearest")
-    return torch.where(exited, early, logits)

@@ -29,7 +29,7 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from prato_exp.models.base import SegOutput, merge_early_exits
+from prato_exp.models.base import SegOutput
 from prato_exp.models.plain_vit import (
     assembler_names,
     build_pruners,
@@ -247,7 +247,7 @@ class PrunableTransUNet(nn.Module):
             block_parts=TimmBlockParts,
         )
         logits = self.decoder(self._to_map(encoded.final), skips)
-        return SegOutput(logits=merge_early_exits(logits, encoded.trace), trace=encoded.trace)
+        return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def _embed(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Tokens ``(B, Z, C)`` with positions, and the CNN skips at 1/8, 1/4, 1/2 (coarsest first)."""

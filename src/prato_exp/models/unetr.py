@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
-from prato_exp.models.base import SegOutput, merge_early_exits
+from prato_exp.models.base import SegOutput
 from prato_exp.models.plain_vit import assembler_names, build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory
@@ -118,7 +118,7 @@ class PrunableUNETR(nn.Module):
         dec2 = net.decoder4(dec3, enc3)
         dec1 = net.decoder3(dec2, enc2)
         logits = net.out(net.decoder2(dec1, enc1))
-        return SegOutput(logits=merge_early_exits(logits, encoded.trace), trace=encoded.trace)
+        return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def pruned_part(self) -> list[str]:
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""

@@ -14,9 +14,9 @@ later blocks. For context, the ``k_keep`` most confident easy tokens of every pr
 
 The final prediction combines early and late ones: places that exited take the head logits of the
 point where they exited, nearest-upsampled to their patches; the decoder's logits stay elsewhere
-(:func:`prato_exp.models.base.merge_early_exits`). Each head is supervised on its canvas (this point's
-logits on alive places, earlier heads' where tokens exited before) with the task loss, added by the
-LightningModule as ``early_head`` (``_<point>``) times ``head_loss_weight``. The exit decision is made
+(:meth:`prato_exp.pruning.trace.PruningTrace.final_logits`). Each head is supervised on its canvas (this
+point's logits on alive places, earlier heads' where tokens exited before) with the task loss, added by
+the LightningModule as ``early_head`` (``_<point>``) times ``head_loss_weight``. The exit decision is made
 without gradient, in training too, as in the original.
 
 Departures for this framework, and why:
