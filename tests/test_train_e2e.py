@@ -36,7 +36,7 @@ def test_fast_dev_run_writes_metrics(tmp_path):
     assert metrics["environment"]["retain_freed_memory"] is sys.platform.startswith("linux")
 
 
-@pytest.mark.parametrize("pruning", ["random", "dynamicvit", "evovit", "dtop", "stp", "tram"])
+@pytest.mark.parametrize("pruning", ["random", "dynamicvit", "evovit", "dtop", "stp", "tram", "tome"])
 def test_every_baseline_pruner_trains_and_evaluates_through_hydra(tmp_path, pruning):
     cfg = compose_train([*TINY, "model.img_size=64", f"pruning={pruning}", "+trainer.fast_dev_run=true"])
     train(cfg, tmp_path / "run")

@@ -170,10 +170,10 @@ def run_pruned_blocks(
             )
             runner = pruner if pruner.runs_blocks() else None
         if index in skip_blocks:
-            skips[index] = on_grid(alive, carry)
+            skips[index] = trace.unmerged(on_grid(alive, carry))
 
     normed = alive.with_tokens(norm(alive.tokens))
-    final = on_grid(normed, norm(carry) if carry is not None else None)
+    final = trace.unmerged(on_grid(normed, norm(carry) if carry is not None else None))
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
     if active and carry is not None:
         first_point = min(active)

@@ -23,7 +23,9 @@ Optional hooks, all off by default, let a method do more than select tokens:
 - :meth:`TokenPruner.runs_blocks`: the pruner runs the blocks after its point itself through
   :meth:`TokenPruner.run_block` (Evo-ViT's slow-fast update, DynamicViT's masked attention in training);
 - ``PruneResult.early_logits`` / ``exit_grid``: final predictions made at the point (DToP);
-- :meth:`TokenPruner.assemble`: rebuild the full token grid for the decoder (STP's token assembly).
+- :meth:`TokenPruner.assemble`: rebuild the full token grid for the decoder (STP's token assembly);
+- ``PruneResult.merged_tokens`` / ``merge_target``: tokens merged instead of dropped, unmerged before the
+  decoder (ToMe).
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ class PruneResult:
             (DToP); the backbone writes them into its output and the LightningModule supervises them
             with the task loss times ``early_loss_weight``.
         exit_grid: ``(B, Z)`` bool, grid places whose prediction became final at this point.
+        merged_tokens: ``(B, N, C)`` or None; the tokens after merging (ToMe: every destination is the
+            size-weighted mean of itself and the tokens merged into it), executed in place of the
+            tokens before ``keep`` is applied.
+        merge_target: ``(B, N)`` long or None; the slot each token was merged into (its own slot when
+            it was not). A merged-away place takes its destination's final value before the decoder.
     """
 
     keep: Tensor
@@ -115,6 +122,8 @@ class PruneResult:
     early_logits: Tensor | None = None
     exit_grid: Tensor | None = None
     early_loss_weight: float = 1.0
+    merged_tokens: Tensor | None = None
+    merge_target: Tensor | None = None
 
     def __getattr__(self, name: str) -> Tensor:
         extras = self.__dict__.get("extras", {})
@@ -268,8 +277,9 @@ def refuse_plain_vit_only(pruner: TokenPruner, backbone: str) -> None:
     """Raise a ValueError naming the pruner when it needs hooks only plain ViTs provide."""
     if pruner.plain_vit_only:
         raise ValueError(
-            f"{type(pruner).__name__} needs plain-ViT hooks (carried state, attention, its own block runner, "
-            f"early exits or token assembly) that {backbone} does not provide; use model=unetr or transunet"
+            f"{type(pruner).__name__} needs plain-ViT hooks (carried state, attention, its own block "
+            f"runner, early exits, token assembly or unmerging) that {backbone} does not provide; "
+            "use model=unetr or transunet"
         )
 
 

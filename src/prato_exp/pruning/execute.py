@@ -13,16 +13,17 @@ from torch import Tensor
 
 from prato_exp.pruning.base import PointState, PruneResult, TokenPruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.token_set import TokenSet, kept_order
+from prato_exp.tokens.token_set import TokenSet, kept_order, write_to_grid
 
 
 def exempt_and_scale(
     result: PruneResult, tokens: Tensor, full_keep: Tensor, prune_enabled: Tensor | None
 ) -> Tensor:
-    """Apply the ``no_pruning`` exemption and the pruner's token scale at one pruning point.
+    """Apply the ``no_pruning`` exemption, the pruner's merge and its token scale at one pruning point.
 
-    Images with ``prune_enabled`` False get ``result.keep = full_keep`` (``(B, N)`` bool) and a scale
-    of 1 (``result`` is updated in place); returns ``tokens`` ``(B, N, C)`` times the (STE) scale.
+    Images with ``prune_enabled`` False get ``result.keep = full_keep`` (``(B, N)`` bool), a scale of 1
+    and no merge (``result`` is updated in place); returns ``tokens`` ``(B, N, C)`` (or the pruner's
+    ``merged_tokens``) times the (STE) scale.
     """
     scale = result.token_scale
     if prune_enabled is not None:
@@ -33,7 +34,25 @@ def exempt_and_scale(
         if scale is not None:
             scale = torch.where(exempt, torch.ones_like(scale), scale)
             result.token_scale = scale
+        if result.merged_tokens is not None and result.merge_target is not None:
+            own = torch.arange(tokens.shape[1], device=tokens.device).expand_as(result.merge_target)
+            result.merged_tokens = torch.where(exempt[..., None], tokens, result.merged_tokens)
+            result.merge_target = torch.where(exempt, own, result.merge_target)
+    if result.merged_tokens is not None:
+        tokens = result.merged_tokens
     return tokens if scale is None else tokens * scale[..., None].to(tokens.dtype)
+
+
+def merge_places(result: PruneResult, alive: TokenSet) -> Tensor | None:
+    """``(B, Z)`` long: for each grid place merged away at this point the place it was merged into,
+    -1 elsewhere; None when the point merged nothing."""
+    if result.merge_target is None:
+        return None
+    own = torch.arange(result.merge_target.shape[1], device=result.merge_target.device)
+    merged = alive.valid & ~result.keep & (result.merge_target != own)
+    into = torch.gather(alive.positions, 1, result.merge_target)
+    unmerged = torch.full((into.shape[0], alive.num_grid), -1, dtype=torch.long, device=into.device)
+    return write_to_grid(unmerged, into, alive.positions, merged)
 
 
 def apply_pruner(
@@ -67,6 +86,7 @@ def apply_pruner(
     keep = result.keep
     new_state = PointState(exempt=state.exempt, carried=result.carried)
     trace.results.append(result)
+    trace.merges.append(merge_places(result, alive))
 
     if pruner.runs_blocks():  # the pruner runs the next blocks on the full grid itself
         new_state.keep = keep

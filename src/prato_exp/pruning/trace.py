@@ -24,6 +24,8 @@ class PruningTrace:
             (1-based block ``i`` is column ``i - 1``).
         first_pruned_block: 1-based index of the first block that runs after a pruning point
             (``depth + 1`` when nothing was pruned).
+        merges: per pruning point, ``(B, Z)`` long: the place each place merged away there was merged
+            into (-1 for the others), or None where the point merged nothing.
     """
 
     grid_hw: tuple[int, int] = (0, 0)
@@ -31,6 +33,7 @@ class PruningTrace:
     keep_grids: list[Tensor] = field(default_factory=list)
     block_keep_fraction: Tensor | None = None
     first_pruned_block: int = 0
+    merges: list[Tensor | None] = field(default_factory=list)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary losses of every pruning point, named ``<loss>`` or ``<loss>_<point>``."""
@@ -46,6 +49,20 @@ class PruningTrace:
             return None
         after = self.block_keep_fraction[:, self.first_pruned_block - 1 :]
         return 1.0 - after.mean(dim=1)
+
+    def unmerged(self, grid: Tensor) -> Tensor:
+        """``grid`` ``(B, Z, C)`` with every place merged away so far holding its destination's value.
+
+        The points are undone last to first, so a destination that was itself merged later already
+        holds the value of the place it went into. The identity when nothing was merged.
+        """
+        for into in reversed(self.merges):
+            if into is None:
+                continue
+            source = into >= 0
+            taken = torch.gather(grid, 1, into.clamp(min=0)[..., None].expand_as(grid))
+            grid = torch.where(source[..., None], taken, grid)
+        return grid
 
     def final_logits(self, logits: Tensor) -> Tensor:
         """The prediction after the pruners' own final predictions are written into the decoder's
