@@ -19,7 +19,8 @@ from prato_exp.pruning.random_mask import RandomPruner
 from prato_exp.pruning.stp import STPPruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.pruning.tram import TRAMPruner, TRAMState, layer_relevance
-from prato_exp.tokens.blocks import MonaiBlockParts, TimmBlockParts, key_bias, run_parts
+from prato_exp.tokens.attention_mask import KeyMask
+from prato_exp.tokens.blocks import MonaiBlockParts, TimmBlockParts, run_parts
 
 SIZE = 64  # 4 x 4 = 16 tokens
 CONTEXT = PrunerContext(num_classes=3, grid_hw=(4, 4), depth=12)
@@ -231,10 +232,10 @@ def test_monai_block_parts_reproduce_the_block_with_and_without_a_key_mask():
     block = TransformerBlock(16, 32, 4).eval()
     x = torch.randn(2, 6, 16)
     keep = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
-    out, weights = run_parts(MonaiBlockParts(block), x, key_bias(None))
+    out, weights = run_parts(MonaiBlockParts(block), x, KeyMask(None).softmax)
     torch.testing.assert_close(out, block(x))
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
-    masked, weights = run_parts(MonaiBlockParts(block), x, key_bias(keep))
+    masked, weights = run_parts(MonaiBlockParts(block), x, KeyMask(keep).softmax)
     torch.testing.assert_close(masked, block(x, attn_mask=keep))
     assert weights[1, :, :, 4:].abs().max() == 0
 
@@ -243,7 +244,7 @@ def test_timm_block_parts_reproduce_the_block():
     torch.manual_seed(0)
     block = Block(16, 4).eval()
     x = torch.randn(2, 6, 16)
-    out, _ = run_parts(TimmBlockParts(block), x, key_bias(None))
+    out, _ = run_parts(TimmBlockParts(block), x, KeyMask(None).softmax)
     torch.testing.assert_close(out, block(x))
 
 
@@ -365,7 +366,7 @@ class _OneBlock(torch.nn.Module):
 
     def forward(self, x):
         if self.use_parts:
-            return run_parts(MonaiBlockParts(self.block), x, key_bias(None))[0]
+            return run_parts(MonaiBlockParts(self.block), x, KeyMask(None).softmax)[0]
         return self.block(x)
 
 

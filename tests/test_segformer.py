@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from prato_exp.metrics.efficiency import count_flops
-from prato_exp.models.segformer import PrunableSegFormer, next_stage_keep, reduced_key_keep
+from prato_exp.models.segformer import PrunableSegFormer, next_stage_keep
 from prato_exp.pruning.prato import PrATo
+from prato_exp.tokens.attention_mask import reduced_key_keep
 
 SIZE = 64  # stage grids 16 x 16, 8 x 8 (the pruning point, 64 tokens), 4 x 4, 2 x 2
 HIDDEN = (8, 16, 24, 32)

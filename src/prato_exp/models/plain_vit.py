@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from prato_exp.pruning.base import NoPruner, PointState, PrunerContext, TokenPruner
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, key_bias, run_parts
+from prato_exp.tokens.attention_mask import KeyMask
+from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, run_parts
 from prato_exp.tokens.token_set import TokenSet
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
@@ -78,7 +79,7 @@ def assembler_names(pruners: nn.ModuleDict, prefix: str = "pruners") -> list[str
 
 def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
     """Run a MONAI ``TransformerBlock``; its einsum attention takes a ``(B, N)`` bool keep mask."""
-    return block(tokens, attn_mask=key_keep)
+    return block(tokens, attn_mask=KeyMask(key_keep).monai())
 
 
 def timm_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
@@ -87,7 +88,7 @@ def timm_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None)
     ``key_keep`` ``(B, N)`` bool (True = attend) becomes ``(B, 1, 1, N)``: SDPA (fused path) and
     timm's ``resolve_self_attn_mask`` (non-fused path, bool -> 0 / -inf) both read it that way.
     """
-    return block(tokens, attn_mask=None if key_keep is None else key_keep[:, None, None, :])
+    return block(tokens, attn_mask=KeyMask(key_keep).sdpa())
 
 
 def run_pruned_blocks(
@@ -153,7 +154,7 @@ def run_pruned_blocks(
         if runner is not None:
             out, state = runner.run_block(block_parts(block), alive.tokens, state)
         elif observer is not None and observer.needs_attention:
-            out, weights = run_parts(block_parts(block), alive.tokens, key_bias(key_keep))
+            out, weights = run_parts(block_parts(block), alive.tokens, KeyMask(key_keep).softmax)
             state = observer.observe_attention(weights.detach(), alive.valid, state, index)
         else:
             out = run_block(block, alive.tokens, key_keep)

@@ -57,6 +57,7 @@ from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, PrunerFactory, TokenPruner, refuse_plain_vit_only
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
+from prato_exp.tokens.attention_mask import KeyMask, reduced_key_keep
 from prato_exp.tokens.token_set import TokenSet, child_keep
 
 AttnImplementation = Literal["eager", "sdpa"]
@@ -82,31 +83,6 @@ def next_stage_keep(keep: Tensor, grid_hw: tuple[int, int], child_hw: tuple[int,
             f"next stage's grid is {child_hw}; use odd patch sizes (padding = patch_size // 2)"
         )
     return child
-
-
-def reduced_key_keep(keep: Tensor, grid_hw: tuple[int, int], sr: int) -> Tensor:
-    """Which spatially reduced keys stay: those with at least one kept parent among their ``sr x sr``.
-
-    Args:
-        keep: ``(B, h * w)`` bool keep mask, row-major.
-        grid_hw: ``(h, w)``.
-        sr: the sequence-reduction ratio (kernel and stride of the reduction convolution).
-
-    Returns:
-        ``(B, (h // sr) * (w // sr))`` bool; all True for an image none of whose reduced keys has a kept
-        parent (possible only where ``sr`` does not divide the grid), so its softmax stays finite.
-    """
-    b = keep.shape[0]
-    pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), sr, sr).flatten(1) > 0
-    return pooled | ~pooled.any(dim=1, keepdim=True)
-
-
-def additive_key_mask(key_keep: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """``(B, 1, 1, K)`` additive attention mask, ``-inf`` on dropped keys; None when every key stays."""
-    if bool(key_keep.all()):
-        return None
-    mask = torch.zeros(key_keep.shape, dtype=dtype, device=key_keep.device)
-    return mask.masked_fill(~key_keep, float("-inf"))[:, None, None, :]
 
 
 def stage_key_keep(layout: TokenSet, sr: int) -> Tensor:
@@ -172,7 +148,7 @@ def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: TokenSe
         query,
         key,
         value,
-        additive_key_mask(stage_key_keep(layout, sr), query.dtype),
+        KeyMask(stage_key_keep(layout, sr)).additive(query.dtype),
         dropout=attn.attention_dropout if attn.training else 0.0,
         scaling=attn.scaling,
     )

@@ -54,6 +54,7 @@ from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
+from prato_exp.tokens.attention_mask import KeyMask
 from prato_exp.tokens.token_set import TokenSet, child_keep
 from prato_exp.tokens.windows import (
     WindowBatch,
@@ -86,7 +87,7 @@ def window_attention(attn: WindowAttention, qkv: Tensor, batch: WindowBatch) -> 
     logits = (q * attn.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)  # (Wa, nh, T, T)
     if batch.shift_mask is not None:
         logits = logits + batch.shift_mask.unsqueeze(1)
-    logits = logits.masked_fill(~batch.key_ok[:, None, None, :], float("-inf"))
+    logits = KeyMask(batch.key_ok).apply(logits)
     probs = attn.attn_drop(attn.softmax(logits)).to(v.dtype)
     return (probs @ v).transpose(1, 2).reshape(wa, t, c)
 

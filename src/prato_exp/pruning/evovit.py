@@ -46,7 +46,8 @@ from prato_exp.pruning.base import (
     TokenPruner,
 )
 from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
-from prato_exp.tokens.blocks import BlockParts, key_bias
+from prato_exp.tokens.attention_mask import KeyMask
+from prato_exp.tokens.blocks import BlockParts
 from prato_exp.tokens.token_set import gather_slots, kept_order, scatter_slots, write_to_grid
 
 
@@ -160,7 +161,7 @@ class EvoViTPruner(TokenPruner):
             rep = (w[..., None].to(tokens.dtype) * tokens).sum(dim=1, keepdim=True)
             slots = torch.cat([informative, rep], dim=1)
             slot_valid = torch.cat([inf_valid, placeholder.any(dim=1, keepdim=True)], dim=1)
-        r1, weights = parts.attention(slots, key_bias(None if bool(slot_valid.all()) else slot_valid))
+        r1, weights = parts.attention(slots, KeyMask(None if bool(slot_valid.all()) else slot_valid).softmax)
         hidden = slots + r1
         r2 = parts.mlp(hidden)
         out = hidden + r2

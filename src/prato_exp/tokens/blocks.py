@@ -18,18 +18,8 @@ import torch
 from torch import Tensor, nn
 
 WeightsFn = Callable[[Tensor], Tensor]
-"""Turns attention scores ``(B, heads, N, N)`` into attention weights (default: softmax over keys)."""
-
-
-def key_bias(key_keep: Tensor | None) -> WeightsFn:
-    """Softmax over keys with the keys where ``key_keep`` ``(B, N)`` is False excluded."""
-
-    def weights(scores: Tensor) -> Tensor:
-        if key_keep is not None:
-            scores = scores.masked_fill(~key_keep[:, None, None, :], float("-inf"))
-        return scores.softmax(dim=-1)
-
-    return weights
+"""Turns attention scores ``(B, heads, N, N)`` into attention weights, e.g.
+:meth:`~prato_exp.tokens.attention_mask.KeyMask.softmax` (softmax over the kept keys)."""
 
 
 class BlockParts(Protocol):
