@@ -369,6 +369,35 @@ def test_all_zero_differences_and_a_lone_reference(tmp_path):
     assert "k=5 | 1 |" in (tmp_path / "out" / "table3_k_acdc.md").read_text()
 
 
+def test_time_cells_leave_out_runs_timed_on_a_busy_machine(tmp_path):
+    for seed, load in ((0, 1.9), (1, 4.2), (2, None)):
+        folder = make_run(
+            tmp_path / f"s{seed}",
+            table="table3_k",
+            row="k=5",
+            seed=seed,
+            offset=0.0,
+            reference="k=5",
+            samples=False,
+        )
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if load is not None:
+            metrics["efficiency"]["machine_load"] = {
+                "load_average_1min": load,
+                "cores": 2,
+                "torch_threads": 2,
+            }
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    report([tmp_path], tmp_path / "out", figures=False)
+    row = _csv(tmp_path / "out" / "table3_k_acdc.csv")["k=5"]
+    # seed 0 (quiet) and seed 2 (load not recorded) count; seed 1 (load 4.2 on 2 cores) does not
+    assert float(row["latency_ms_mean"]) == pytest.approx((10.0 + 12.0) / 2)
+    assert row["latency_ms_n"] == "2" and row["gflops_n"] == "3"
+    caption = (tmp_path / "out" / "table3_k_acdc.md").read_text()
+    assert "leave out 1 of 3 runs timed while other work shared the machine" in caption
+    assert "1 of 3 runs did not record the machine's load" in caption
+
+
 def test_a_run_without_report_block_is_an_error_naming_it(runs, tmp_path, capsys):
     bad = make_run(
         tmp_path / "old_run", table="", row="", seed=0, offset=0.0, reference=None, report_block=False

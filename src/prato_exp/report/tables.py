@@ -128,6 +128,28 @@ def hd95_3d(run: RunRecord) -> float | None:
     return _nanmean(per_class) if per_class else None
 
 
+BUSY_LOAD_MARGIN = 0.5
+"""A timing counts as shared when the 1-minute load right after it exceeds the process's cores by this."""
+
+
+def timed_busy(run: RunRecord) -> bool | None:
+    """Whether ``run``'s latency was measured while other work shared its cores (its 1-minute load
+    average above its cores + :data:`BUSY_LOAD_MARGIN`); None where the run did not record its load."""
+    load = run.efficiency.get("machine_load") or {}
+    if load.get("load_average_1min") is None or not load.get("cores"):
+        return None
+    return float(load["load_average_1min"]) > float(load["cores"]) + BUSY_LOAD_MARGIN
+
+
+def _latency(run: RunRecord, key: str) -> float | None:
+    """A latency figure of ``run``, or None where it was timed on a busy machine (not a speed figure)."""
+    if timed_busy(run):
+        return None
+    if key == "latency_ratio":
+        return run.efficiency.get("latency_ratio")
+    return (run.efficiency.get("latency") or {}).get("median_ms")
+
+
 def _pruned(run: RunRecord) -> bool:
     return "unpruned" in run.efficiency or run.metrics.get("sparsity") is not None
 
@@ -141,8 +163,8 @@ VALUE_GETTERS: dict[str, Callable[[RunRecord], Any]] = {
     "sparsity": lambda r: r.metrics.get("sparsity") if _pruned(r) else (0.0 if r.efficiency else None),
     "flop_ratio": lambda r: r.efficiency.get("flop_ratio"),
     "part_flop_ratio": lambda r: r.efficiency.get("pruned_part_flop_ratio"),
-    "latency_ratio": lambda r: r.efficiency.get("latency_ratio"),
-    "latency_ms": lambda r: (r.efficiency.get("latency") or {}).get("median_ms"),
+    "latency_ratio": lambda r: _latency(r, "latency_ratio"),
+    "latency_ms": lambda r: _latency(r, "latency_ms"),
     "fg_token_recall": lambda r: r.metrics.get("fg_token_recall"),
     "slice_dsc_mean": lambda r: r.metrics.get("slice/dsc_mean"),
     "slice_hd95_mean": lambda r: r.metrics.get("slice/hd95_mean"),
@@ -459,6 +481,19 @@ def caption(summary: TableSummary) -> list[str]:
             f"Slices without foreground (their box falls back to the whole image, which itself tells the "
             f"model the slice is empty): {', '.join(map(str, no_fg))} of {', '.join(map(str, slices))} "
             "per run."
+        )
+    timed = [r for r in runs if r.efficiency.get("latency")]
+    busy = sum(timed_busy(r) is True for r in timed)
+    unknown = sum(timed_busy(r) is None for r in timed)
+    if busy:
+        lines.append(
+            f"Time cells leave out {busy} of {len(timed)} runs timed while other work shared the machine "
+            f"(1-minute load above its cores + {BUSY_LOAD_MARGIN}): those are not speed figures."
+        )
+    if unknown:
+        lines.append(
+            f"{unknown} of {len(timed)} runs did not record the machine's load when timed: their time "
+            "cells may include time the machine spent on other work."
         )
     lines.append(f"Commit(s): {', '.join(_values(runs, 'commit')) or 'not recorded'}.")
     notes = list(group.notes) + [r.test.note for r in summary.rows if r.test.note]
