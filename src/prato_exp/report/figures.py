@@ -343,12 +343,12 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
         scores = arrays["scores"][:, 0].reshape(len(arrays["case_ids"]), -1).astype(np.float64)
         weights = arrays["weights"].astype(np.float64)
         panels = (
-            (axes[i, 0], scores, "(a) relevance scores s (min-max scaled per image)", 20),
+            (axes[i, 0], scores, "(a) relevance scores s\n(min-max scaled per image)", 20),
             # sqrt(M) bins hold equally many of M = k * k evenly spaced ranks: flat when uniform
             (
                 axes[i, 1],
                 weights,
-                "(b) inverse-entropy weights Omega (normalised ranks: uniform by construction)",
+                "(b) inverse-entropy weights Omega\n(normalised ranks: uniform by construction)",
                 max(2, round(weights.shape[1] ** 0.5)),
             ),
         )
