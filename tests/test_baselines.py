@@ -397,3 +397,9 @@ def test_dtop_exits_nothing_during_its_warm_up_steps():
     assert net(*_inputs()).trace.keep_grids[0].all()
     pruner.on_train_batch(10)
     assert net(*_inputs()).trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
+
+
+def test_trace_exit_points_name_the_point_that_removed_each_place():
+    trace = PruningTrace(grid_hw=(1, 4))
+    trace.keep_grids = [torch.tensor([[True, True, False, True]]), torch.tensor([[True, False, False, True]])]
+    assert trace.exit_points().tolist() == [[-1, 1, 0, -1]]

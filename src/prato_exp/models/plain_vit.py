@@ -178,18 +178,8 @@ def run_pruned_blocks(
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
     if active and carry is not None:
         first_point = min(active)
-        assembled = active[first_point].assemble(final, carry, exit_points(trace.keep_grids), trace.results)
+        assembled = active[first_point].assemble(final, carry, trace.exit_points(), trace.results)
         if assembled is not None:
             final = assembled
             skips = {i: assembled if i >= first_point else grid for i, grid in skips.items()}
     return EncoderOutput(skips=skips, final=final, trace=trace)
-
-
-def exit_points(keep_grids: Sequence[Tensor]) -> Tensor:
-    """``(B, Z)`` long: the 0-based pruning point that removed each place, -1 if alive to the end."""
-    exit_point = torch.full_like(keep_grids[0], -1, dtype=torch.long)
-    alive = torch.ones_like(keep_grids[0])
-    for point, keep in enumerate(keep_grids):
-        exit_point = torch.where(alive & ~keep, torch.full_like(exit_point, point), exit_point)
-        alive = alive & keep
-    return exit_point

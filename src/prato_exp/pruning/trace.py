@@ -50,6 +50,15 @@ class PruningTrace:
         after = self.block_keep_fraction[:, self.first_pruned_block - 1 :]
         return 1.0 - after.mean(dim=1)
 
+    def exit_points(self) -> Tensor:
+        """``(B, Z)`` long: the 0-based pruning point that removed each place, -1 if alive to the end."""
+        exit_point = torch.full_like(self.keep_grids[0], -1, dtype=torch.long)
+        alive = torch.ones_like(self.keep_grids[0])
+        for point, keep in enumerate(self.keep_grids):
+            exit_point = torch.where(alive & ~keep, torch.full_like(exit_point, point), exit_point)
+            alive = alive & keep
+        return exit_point
+
     def unmerged(self, grid: Tensor) -> Tensor:
         """``grid`` ``(B, Z, C)`` with every place merged away so far holding its destination's value.
 
