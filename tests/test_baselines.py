@@ -376,7 +376,58 @@ def test_block_parts_flops_are_counted_inside_the_block():
     assert parts.flops_under(["block"]) == library.flops_under(["block"]) == library.total_flops
 
 
-@pytest.mark.parametrize("name", ["dynamicvit", "evovit", "dtop", "stp", "tram"])
+def _hierarchical(backbone: str, pruner) -> torch.nn.Module:
+    """A small Swin UNETR or SegFormer for 64 px, 3 classes, pruned at its default point."""
+    from prato_exp.models.segformer import PrunableSegFormer
+    from prato_exp.models.swin_unetr import PrunableSwinUNETR
+
+    torch.manual_seed(0)
+    if backbone == "swin":
+        return PrunableSwinUNETR(1, 3, img_size=SIZE, feature_size=12, pruner=pruner)
+    return PrunableSegFormer(
+        1,
+        3,
+        img_size=SIZE,
+        hidden_sizes=(8, 16, 24, 32),
+        depths=(1, 1, 1, 1),
+        num_attention_heads=(1, 1, 1, 1),
+        decoder_hidden_size=16,
+        drop_path_rate=0.0,
+        classifier_dropout_prob=0.0,
+        pruner=pruner,
+    )
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_dtop_in_hierarchical_backbones_exits_at_its_stage_and_writes_head_logits(backbone):
+    net = _hierarchical(backbone, partial(DToPPruner, p0=0.9, k_keep=5)).eval()
+    make_dtop_confident(net)
+    image, box = _inputs()
+    out = net(image, box)
+    h, w = out.trace.grid_hw
+    assert (h, w) == {"swin": (16, 16), "segformer": (8, 8)}[backbone]
+    assert out.trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
+    result = out.trace.results[0]
+    patch = SIZE // h
+    exited = result.exit_grid.view(2, 1, h, w).repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+    early = result.early_logits.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+    assert torch.equal(out.logits.masked_select(exited), early.masked_select(exited))
+    assert not torch.equal(out.logits.masked_select(~exited), early.masked_select(~exited))
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_dtop_in_hierarchical_backbones_trains_its_head(backbone):
+    net = _hierarchical(backbone, partial(DToPPruner, p0=0.9, k_keep=5)).train()
+    image, box = _inputs()
+    out = net(image, box)
+    losses = out.trace.early_prediction_losses(
+        torch.nn.functional.cross_entropy, torch.zeros(2, SIZE, SIZE).long()
+    )
+    losses["early_head"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.pruners.parameters())
+
+
+@pytest.mark.parametrize("name", ["dynamicvit", "evovit", "stp", "tram"])
 def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
     from prato_exp.models.swin_unetr import PrunableSwinUNETR
 

@@ -36,7 +36,7 @@ def _inputs(b: int = 2):
 class CornerPruner(TokenPruner):
     """Keeps the tokens in the top-left ``side x side`` corner of the grid (a known window pattern)."""
 
-    def __init__(self, dim: int, side: int = 4, mode="drop") -> None:
+    def __init__(self, dim: int, side: int = 4, mode="drop", context=None) -> None:
         super().__init__(mode=mode)
         self.side = side
 

@@ -54,7 +54,7 @@ from transformers.models.segformer.modeling_segformer import (
 
 from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.pruning.base import NoPruner, PrunerContext, PrunerFactory, TokenPruner, refuse_plain_vit_only
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask, reduced_key_keep
@@ -174,7 +174,8 @@ class PrunableSegFormer(nn.Module):
             in plain ViTs, stages in hierarchical ones): ``[s]`` prunes the tokens of stage ``s + 1``'s
             patch embedding (``[0]``: the first stage's), so stages ``s + 1 ..`` run on kept tokens.
             One point only (a list of length 1).
-        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None means no pruning.
+        pruner: a factory ``pruner(dim=..., context=...) -> TokenPruner`` (Hydra ``_partial_``). None means
+            no pruning.
         pretrained: optional local path of a ``SegformerForSemanticSegmentation`` state dict.
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
@@ -245,7 +246,11 @@ class PrunableSegFormer(nn.Module):
             for block in stage.blocks:
                 block.__class__ = PrunableSegformerLayer
         factory = pruner or NoPruner
-        point = factory(dim=stages["hidden_sizes"][prune_at_stage - 1])
+        side = img_size
+        for stride in stages["strides"][:prune_at_stage]:
+            side = -(-side // stride)  # an odd patch with padding patch // 2 gives ceil(side / stride)
+        context = PrunerContext(num_classes=out_channels, grid_hw=(side, side), depth=sum(stages["depths"]))
+        point = factory(dim=stages["hidden_sizes"][prune_at_stage - 1], context=context)
         refuse_plain_vit_only(point, "SegFormer")
         if point.needs_attention:
             raise ValueError(
@@ -318,7 +323,7 @@ class PrunableSegFormer(nn.Module):
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
         logits = self.segformer.decode_head(tuple(maps))  # (B, K, H/4, W/4)
         logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
-        return SegOutput(logits=logits, trace=trace)
+        return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     @staticmethod
     def _run_pruned_stage(stage: nn.Module, alive: TokenSet) -> TokenSet:

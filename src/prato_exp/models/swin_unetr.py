@@ -51,7 +51,14 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PruneMode, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.pruning.base import (
+    NoPruner,
+    PruneMode,
+    PrunerContext,
+    PrunerFactory,
+    TokenPruner,
+    refuse_plain_vit_only,
+)
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask
@@ -182,7 +189,8 @@ class PrunableSwinUNETR(nn.Module):
             plain ViTs, stages in hierarchical ones): ``[s]`` runs the pruner on the output of
             ``swinViT.layers<s>`` (after its ``PatchMerging``), so stages ``s + 1 .. 4`` run on kept
             tokens; ``s`` is 1, 2 or 3, and there is one point (a list of length 1).
-        pruner: a factory ``pruner(dim=...) -> TokenPruner`` (Hydra ``_partial_``). None: no pruning.
+        pruner: a factory ``pruner(dim=..., context=...) -> TokenPruner`` (Hydra ``_partial_``). None: no
+            pruning.
         pretrained: optional local path of a state dict for MONAI's ``SwinUNETR`` (never downloaded).
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
@@ -254,7 +262,9 @@ class PrunableSwinUNETR(nn.Module):
                 block.__class__ = PrunableSwinBlock
         factory = pruner or NoPruner
         dim = feature_size * 2**prune_after_stage
-        self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim)})
+        side = img_size // 2 // 2**prune_after_stage  # patch 2, then one 2 x 2 merge per stage
+        context = PrunerContext(num_classes=out_channels, grid_hw=(side, side), depth=sum(self.depths))
+        self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim, context=context)})
         refuse_plain_vit_only(self.pruners[str(prune_after_stage)], "Swin UNETR")
         if pretrained:
             load_pretrained(self.swin_unetr, pretrained, ignore=pretrained_ignore)
@@ -313,7 +323,7 @@ class PrunableSwinUNETR(nn.Module):
                 hidden.append(vit.proj_out(x, self.normalize))
             fractions += [ones] * sum(self.depths[point:])
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
-        return SegOutput(logits=self._decode(image, hidden), trace=trace)
+        return SegOutput(logits=trace.final_logits(self._decode(image, hidden)), trace=trace)
 
     def _run_pruned(
         self,

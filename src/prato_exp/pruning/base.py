@@ -285,7 +285,7 @@ def refuse_plain_vit_only(pruner: TokenPruner, backbone: str) -> None:
 
 PrunerFactory = Callable[..., "TokenPruner"]
 """How backbones receive a pruner: ``factory(dim=..., context=PrunerContext) -> TokenPruner``
-(a Hydra ``_partial_``); backbones without a context (Swin UNETR, SegFormer) pass ``dim`` only."""
+(a Hydra ``_partial_``)."""
 
 
 class NoPruner(TokenPruner):

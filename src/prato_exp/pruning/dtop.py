@@ -32,6 +32,10 @@ Departures for this framework, and why:
   confident on the majority class (background) within an epoch: with 0 warm-up steps the paper-size
   UNETR exited 97 % of its tokens after one phantom epoch and predicted background everywhere.
 - Keep counts depend on the image (confidence), not on a ratio; tables report DToP's measured sparsity.
+- Hierarchical backbones (Swin UNETR, SegFormer; one pruning point at a stage): the head predicts on that
+  stage's grid and an exited place's prediction covers its stage patch (``2^s`` or ``prod(strides)``
+  input pixels a side); the finer stages before the point and the convolutional skips are not pruned,
+  and their contribution is overwritten where a place exited, exactly as in the plain ViTs.
 """
 
 from __future__ import annotations
@@ -95,8 +99,6 @@ class DToPPruner(TokenPruner):
         threshold, q, tau: refused (the ``threshold`` group does not apply to DToP).
     """
 
-    plain_vit_only = True
-
     def __init__(
         self,
         dim: int,
@@ -117,7 +119,7 @@ class DToPPruner(TokenPruner):
                 f"instead of a threshold choice (got threshold={threshold!r}, q={q!r}, tau={tau!r})"
             )
         if context is None:
-            raise ValueError("dtop needs the backbone's class count; use it in UNETR or TransUNet")
+            raise ValueError("dtop needs the class count: build it as pruner(dim=..., context=PrunerContext)")
         if not 0 < p0 <= 1:
             raise ValueError(f"p0 must lie in (0, 1], got {p0}")
         if k_keep < 1:
