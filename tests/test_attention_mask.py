@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from timm.models.vision_transformer import Block
 
-from prato_exp.tokens.attention_mask import KeyMask, reduced_key_keep
+from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy, reduced_key_keep, reduced_key_policy
 
 KEEP = torch.tensor([[True, False, True, True], [True, True, True, False]])
 
@@ -67,3 +67,36 @@ def test_reduced_keys_stay_where_any_parent_is_kept():
     keep = torch.zeros(1, 16, dtype=torch.bool)
     keep[0, 5] = True  # (1, 1): the top-left 2 x 2 footprint
     assert reduced_key_keep(keep, (4, 4), 2).tolist() == [[True, False, False, False]]
+
+
+def test_key_policy_with_all_kept_is_softmax_and_blocks_dropped_keys():
+    scores = torch.randn(2, 1, 5, 5)
+    torch.testing.assert_close(
+        KeyPolicy(torch.ones(2, 5)).softmax(scores), scores.softmax(-1), atol=1e-5, rtol=0
+    )
+    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]]).expand(2, -1)
+    weights = KeyPolicy(policy).softmax(scores)
+    assert weights[:, :, [0, 1, 3]][..., [2, 4]].max() < 1e-5  # kept queries ignore dropped keys
+    assert weights[:, :, 2, 2].min() > weights[:, :, 2, 4].max()  # a dropped token attends to itself
+
+
+def test_key_policy_passes_a_gradient_to_dropped_keys():
+    scores = torch.randn(1, 1, 4, 4)
+    policy = torch.tensor([[1.0, 0.0, 1.0, 1.0]], requires_grad=True)
+    KeyPolicy(policy).softmax(scores, self_attend=False)[..., 0].sum().backward()
+    assert policy.grad[0, 1] != 0  # what keeping the dropped key would have changed
+
+
+def test_key_policy_without_self_attention_reads_only_kept_keys_of_rectangular_scores():
+    scores = torch.randn(1, 2, 6, 3)
+    weights = KeyPolicy(torch.tensor([[1.0, 0.0, 1.0]])).softmax(scores, self_attend=False)
+    assert weights[..., 1].max() < 1e-5
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 6))
+
+
+def test_reduced_key_policy_is_the_largest_parent_weight():
+    weights = torch.tensor(
+        [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    reduced = reduced_key_policy(weights.view(1, 16), (4, 4), 2)
+    assert reduced.tolist() == [[1.0, 0.0, 0.0, 1.0]]

@@ -13,7 +13,7 @@ from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PointState, PrunerContext, pruning_disabled
 from prato_exp.pruning.budget import percentile_keep_count
 from prato_exp.pruning.dtop import DToPPruner, exit_mask
-from prato_exp.pruning.dynamicvit import DynamicViTPruner, policy_weights
+from prato_exp.pruning.dynamicvit import DynamicViTPruner
 from prato_exp.pruning.evovit import EvoViTPruner, EvoViTState, received_attention
 from prato_exp.pruning.random_mask import RandomPruner
 from prato_exp.pruning.stp import STPPruner
@@ -187,17 +187,6 @@ def test_dynamicvit_ratio_loss_is_zero_at_the_target():
     assert pruner.target_ratio() == 0.75
     second = DynamicViTPruner(dim=8, q=25, context=PrunerContext(3, (4, 4), 12, point_index=1, num_points=2))
     assert second.target_ratio() == pytest.approx(0.5625)
-
-
-def test_policy_attention_with_all_kept_is_softmax_and_blocks_dropped_keys():
-    scores = torch.randn(2, 1, 5, 5)
-    torch.testing.assert_close(
-        policy_weights(torch.ones(2, 5))(scores), scores.softmax(-1), atol=1e-5, rtol=0
-    )
-    policy = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]]).expand(2, -1)
-    weights = policy_weights(policy)(scores)
-    assert weights[:, :, [0, 1, 3]][..., [2, 4]].max() < 1e-5  # kept queries ignore dropped keys
-    assert weights[:, :, 2, 2].min() > weights[:, :, 2, 4].max()  # a dropped token attends to itself
 
 
 # --- inference really drops tokens -----------------------------------------------------------------
@@ -427,7 +416,43 @@ def test_dtop_in_hierarchical_backbones_trains_its_head(backbone):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.pruners.parameters())
 
 
-@pytest.mark.parametrize("name", ["dynamicvit", "evovit", "stp", "tram"])
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_dynamicvit_trains_in_hierarchical_backbones_with_drop_values_and_policy_gradients(backbone):
+    net = _hierarchical(backbone, BASELINES["dynamicvit"]).train()
+    image, box = _inputs()
+    out = net(image, box)
+    assert "keep_ratio" in out.trace.aux_losses()
+    keep = out.trace.keep_grids[0]
+    assert 0 < keep.sum() < keep.numel()
+    out.logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.pruners.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_dynamicvit_training_computes_what_drop_computes_for_its_sampled_keep(backbone):
+    """With the same Gumbel sample, the weighted execution equals dropping the sampled tokens."""
+    from prato_exp.pruning.base import PruneResult
+
+    net = _hierarchical(backbone, BASELINES["dynamicvit"]).train()
+    image, box = _inputs()
+    torch.manual_seed(3)
+    soft = net(image, box)
+    sampled = soft.trace.keep_grids[0]
+
+    class Replay(torch.nn.Module):
+        mode, fill, active = "drop", "zero", True
+
+        def runs_blocks(self):
+            return False
+
+        def forward(self, tokens, *args, **kwargs):
+            return PruneResult(keep=sampled.clone(), scores=sampled.float())
+
+    net.pruners[next(iter(net.pruners))] = Replay()
+    torch.testing.assert_close(net(image, box).logits, soft.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["evovit", "stp", "tram"])
 def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
     from prato_exp.models.swin_unetr import PrunableSwinUNETR
 

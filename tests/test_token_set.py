@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prato_exp.tokens.token_set import TokenSet, child_keep, write_to_grid
+from prato_exp.tokens.token_set import TokenSet, child_keep, child_weight, write_to_grid
 
 GRID_HW = (2, 3)
 
@@ -110,3 +110,26 @@ def test_write_to_grid_writes_valid_slots_only_and_keeps_the_rest():
     expected = torch.tensor([[[2.0, 2.0], [-1.0, -1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]]])
     assert torch.equal(out, expected)
     assert torch.equal(grid, torch.full((1, 5, 2), -1.0))
+
+
+def test_weighted_set_runs_every_place_and_weights_its_grid_reads():
+    tokens = torch.ones(1, 4, 2)
+    weight = torch.tensor([[1.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    weighted = TokenSet.full(tokens, (2, 2)).weighted(weight)
+    assert weighted.valid.all()
+    assert weighted.keep_grid().tolist() == [[True, False, True, False]]
+    grid = weighted.to_grid()
+    assert grid[..., 0].tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    grid.sum().backward()
+    assert weight.grad.tolist() == [[2.0, 2.0, 2.0, 2.0]]  # dropped places still pass a gradient
+
+
+def test_weighted_set_refuses_a_selection():
+    weighted = TokenSet.full(torch.ones(1, 4, 2), (2, 2)).weighted(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="weighted"):
+        weighted.select(torch.ones(1, 4, dtype=torch.bool), "drop")
+
+
+def test_child_weight_is_the_largest_parent_weight_with_odd_sides_padded():
+    weight = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # 3 x 3, place (0, 2) kept
+    assert child_weight(weight, (3, 3)).tolist() == [[0.0, 1.0, 0.0, 0.0]]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from prato_exp.pruning.base import NoPruner, PointState, PrunerContext, TokenPruner
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.attention_mask import KeyMask
+from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy
 from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, run_parts
 from prato_exp.tokens.token_set import TokenSet
 
@@ -143,16 +143,13 @@ def run_pruned_blocks(
         state.exempt = ~prune_enabled.to(device=tokens.device, dtype=torch.bool)
     runner: TokenPruner | None = None
 
-    def on_grid(values: TokenSet, fill: Tensor | None) -> Tensor:
-        if runner is not None:
-            return runner.grid_view(values.tokens, state)
-        return values.to_grid(fill)
-
     for index, block in enumerate(blocks, start=1):
         keep_fraction.append(grid_alive.sum(dim=1).to(tokens.dtype) / num_grid)
         observer = next((active[p] for p in sorted(active) if p >= index), None)
         if runner is not None:
             out, state = runner.run_block(block_parts(block), alive.tokens, state)
+        elif alive.weight is not None:
+            out, _ = run_parts(block_parts(block), alive.tokens, KeyPolicy(alive.weight).softmax)
         elif observer is not None and observer.needs_attention:
             out, weights = run_parts(block_parts(block), alive.tokens, KeyMask(key_keep).softmax)
             state = observer.observe_attention(weights.detach(), alive.valid, state, index)
@@ -165,16 +162,16 @@ def run_pruned_blocks(
         pruner = active.get(index)
         if pruner is not None:
             if carry is not None:
-                carry = on_grid(alive, carry)
+                carry = alive.to_grid(carry)
             alive, grid_alive, key_keep, state = apply_pruner(
                 pruner, alive, grid_alive, image_hw, box_xyxy, prune_enabled, trace, state
             )
             runner = pruner if pruner.runs_blocks() else None
         if index in skip_blocks:
-            skips[index] = trace.unmerged(on_grid(alive, carry))
+            skips[index] = trace.unmerged(alive.to_grid(carry))
 
     normed = alive.with_tokens(norm(alive.tokens))
-    final = trace.unmerged(on_grid(normed, norm(carry) if carry is not None else None))
+    final = trace.unmerged(normed.to_grid(norm(carry) if carry is not None else None))
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
     if active and carry is not None:
         first_point = min(active)

@@ -30,6 +30,12 @@ embedding (its value where it was dropped). ``mask`` runs the same code on the f
 ``=`` all places, ``valid = keep``, every token-wise output re-zeroed), so it equals ``drop`` up to float
 error. ``zero_once`` zeroes the pruned tokens once and runs the unmodified blocks on the whole grid.
 
+A differentiable keep (``PruneResult.soft_keep``, DynamicViT's training) runs ``mask``'s code with the
+policy in place of the keep mask: every token-wise output is multiplied by it (dropped tokens are zero in
+value, with the policy's gradient), keys are weighted by it (:class:`KeyPolicy`; a reduced key takes its
+largest parent's, and a query reads itself only at ``sr = 1``), and a next-stage token's policy is its
+largest parent's.
+
 ``PrunableSegformerLayer`` is the one patch: the blocks of the pruned stages get this subclass (as ToMe
 patches timm), whose ``forward`` is the library's unless the stage's token set is passed, so the pruned
 forward runs inside each block's own module call and ``FlopCounterMode`` attributes its FLOPs to it.
@@ -57,8 +63,8 @@ from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import NoPruner, PrunerContext, PrunerFactory, TokenPruner, refuse_plain_vit_only
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.attention_mask import KeyMask, reduced_key_keep
-from prato_exp.tokens.token_set import TokenSet, child_keep
+from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy, reduced_key_keep, reduced_key_policy
+from prato_exp.tokens.token_set import TokenSet, child_keep, child_weight
 
 AttnImplementation = Literal["eager", "sdpa"]
 
@@ -140,6 +146,12 @@ def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: TokenSe
     k = kv.shape[1]
     key = attn.k_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)  # (B, heads, K, d)
     value = attn.v_proj(kv).view(b, k, -1, attn.head_dim).transpose(1, 2)
+    if layout.weight is not None:  # a differentiable keep: every key weighted by its policy
+        key_weight = layout.weight if sr == 1 else reduced_key_policy(layout.weight, layout.grid_hw, sr)
+        scores = (query @ key.transpose(-2, -1)) * attn.scaling  # (B, heads, N, K)
+        probs = KeyPolicy(key_weight).softmax(scores, self_attend=sr == 1)
+        probs = F.dropout(probs, p=attn.attention_dropout, training=attn.training)
+        return attn.o_proj((probs @ value).transpose(1, 2).reshape(b, n, -1))
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         attn.config._attn_implementation, eager_attention_forward
     )
@@ -286,6 +298,7 @@ class PrunableSegFormer(nn.Module):
         maps: list[Tensor] = []
         hidden = image
         keep: Tensor | None = None  # (B, Z) grid keep of the current stage once pruning runs on kept tokens
+        weight: Tensor | None = None  # (B, Z) its differentiable keep (PruneResult.soft_keep), if any
         grid_hw = (0, 0)
         for index, stage in enumerate(self.stages, start=1):
             tokens, h, w = stage.patch_embeddings(hidden)  # (B, Z, C)
@@ -300,10 +313,16 @@ class PrunableSegFormer(nn.Module):
                 if pruner.mode == "zero_once":
                     tokens = pruned.tokens
                 else:
-                    alive, keep = pruned, point_keep
+                    alive, keep, weight = pruned, point_keep, pruned.weight
             elif keep is not None:
-                keep = next_stage_keep(keep, grid_hw, (h, w), self.strides[index - 1])
-                alive = TokenSet.full(tokens, (h, w)).select(keep, pruner.mode)
+                stride = self.strides[index - 1]
+                keep = next_stage_keep(keep, grid_hw, (h, w), stride)
+                alive = TokenSet.full(tokens, (h, w))
+                if weight is not None:
+                    weight = child_weight(weight, grid_hw, stride)
+                    alive = alive.weighted(weight)
+                else:
+                    alive = alive.select(keep, pruner.mode)
             grid_hw = (h, w)
 
             if alive is None:

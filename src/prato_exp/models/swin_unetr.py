@@ -23,6 +23,11 @@ with pruned places zero (``fill`` does not change what kept tokens compute), and
 filled per ``fill``: zeros, or (``carry``) the value at the pruning point, carried through the later
 merges (``norm`` and ``reduction`` then also run on the pruned merged places) but through no block.
 
+A differentiable keep (``PruneResult.soft_keep``, DynamicViT's training) removes nothing: every block
+runs on the full grid, each slot weighted as a key by the policy (a slot always reads itself; no
+re-zeroing), and the merges and the decoder read the tokens times the policy; a merged token's policy is
+its largest parent's, so ``drop`` is what it computes in value.
+
 ``mask`` runs every block on the full grid, with the same key mask and the pruned places re-zeroed
 after each residual branch; it equals ``drop`` up to floating-point error. ``zero_once`` zeroes the
 pruned tokens once and runs MONAI's stages unchanged. The ``none`` pruner runs MONAI's computation.
@@ -61,8 +66,8 @@ from prato_exp.pruning.base import (
 )
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.attention_mask import KeyMask
-from prato_exp.tokens.token_set import TokenSet, child_keep
+from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy
+from prato_exp.tokens.token_set import TokenSet, child_keep, child_weight
 from prato_exp.tokens.windows import (
     WindowBatch,
     gather_windows,
@@ -75,13 +80,17 @@ from prato_exp.tokens.windows import (
 NUM_STAGES = 4
 
 
-def window_attention(attn: WindowAttention, qkv: Tensor, batch: WindowBatch) -> Tensor:
+def window_attention(
+    attn: WindowAttention, qkv: Tensor, batch: WindowBatch, key_weight: Tensor | None = None
+) -> Tensor:
     """MONAI's window attention on gathered windows, with non-key slots masked by ``-inf``.
 
     Args:
         attn: the block's ``WindowAttention`` (its bias table, scale, softmax and dropout are used).
         qkv: ``(Wa, T, 3C)`` the ``qkv`` projections of the window slots.
         batch: the computed windows, their key mask and shift mask.
+        key_weight: ``(Wa, T)`` a differentiable keep policy of the slots
+            (:class:`~prato_exp.tokens.attention_mask.KeyPolicy`, a slot always reads itself), or None.
 
     Returns:
         ``(Wa, T, C)`` attention output before ``proj``.
@@ -95,7 +104,8 @@ def window_attention(attn: WindowAttention, qkv: Tensor, batch: WindowBatch) -> 
     if batch.shift_mask is not None:
         logits = logits + batch.shift_mask.unsqueeze(1)
     logits = KeyMask(batch.key_ok).apply(logits)
-    probs = attn.attn_drop(attn.softmax(logits)).to(v.dtype)
+    probs = attn.softmax(logits) if key_weight is None else KeyPolicy(key_weight).softmax(logits)
+    probs = attn.attn_drop(probs).to(v.dtype)
     return (probs @ v).transpose(1, 2).reshape(wa, t, c)
 
 
@@ -133,6 +143,7 @@ class PrunableSwinBlock(SwinTransformerBlock):
         windows: WindowBatch | None = None,
         valid: Tensor | None = None,
         rezero: Tensor | None = None,
+        key_weight: Tensor | None = None,
     ) -> Tensor:
         """MONAI's forward, or (with ``windows``) the pruned forward on tokens ``x`` ``(B, N, C)``.
 
@@ -143,6 +154,7 @@ class PrunableSwinBlock(SwinTransformerBlock):
             valid: ``(B, N)`` bool, False on padding slots.
             rezero: ``(B, N)`` bool or None; tokens outside it are set to zero after each residual
                 branch (pruned places in ``mask`` mode, padding slots in ``drop`` mode).
+            key_weight: ``(B, N)`` a differentiable keep policy weighting the tokens as keys, or None.
         """
         if windows is None:
             return super().forward(x, mask_matrix)
@@ -150,7 +162,13 @@ class PrunableSwinBlock(SwinTransformerBlock):
             valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         qkv = self.attn.qkv(self.norm1(x))  # (B, N, 3C)
         pad_value = self.attn.qkv.bias if self.attn.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
-        attended = window_attention(self.attn, gather_windows(qkv, windows, valid, pad_value), windows)
+        slot_weight = None
+        if key_weight is not None:  # padded places are keys, as in MONAI
+            ones = key_weight.new_ones(1)
+            slot_weight = gather_windows(key_weight[..., None], windows, valid, ones).squeeze(-1)
+        attended = window_attention(
+            self.attn, gather_windows(qkv, windows, valid, pad_value), windows, slot_weight
+        )
         attended = scatter_windows(attended, windows, valid)  # (B, N, C)
         x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
         if rezero is not None:
@@ -371,7 +389,13 @@ class PrunableSwinUNETR(nn.Module):
             if (window, shift) not in batches:
                 layout = window_layout(alive.grid_hw, window, shift, tokens.device)
                 batches[window, shift] = window_batch(layout, alive.positions, alive.slots, key_alive)
-            tokens = block(tokens, windows=batches[window, shift], valid=alive.slots, rezero=rezero)
+            tokens = block(
+                tokens,
+                windows=batches[window, shift],
+                valid=alive.slots,
+                rezero=rezero,
+                key_weight=alive.weight,
+            )
         return _PrunedGrid(alive.with_tokens(tokens), state.carry), [fraction] * len(layer.blocks)
 
     @staticmethod
@@ -388,7 +412,11 @@ class PrunableSwinUNETR(nn.Module):
             return merged.with_tokens(merged.rezero(downsample.reduction(downsample.norm(merged.tokens))))
 
         keep, merged_hw = child_keep(alive.keep_grid(), alive.grid_hw)
-        merged = reduce(TokenSet.full(merge(alive.to_grid()), merged_hw).select(keep, mode))
+        merged = TokenSet.full(merge(alive.to_grid()), merged_hw)
+        if alive.weight is not None:
+            merged = reduce(merged.weighted(child_weight(alive.weight, alive.grid_hw)))
+        else:
+            merged = reduce(merged.select(keep, mode))
         carry = None
         if state.carry is not None:
             pruned = TokenSet.full(merge(alive.to_grid(state.carry)), merged_hw).select(~keep, "drop")

@@ -21,7 +21,9 @@ Optional hooks, all off by default, let a method do more than select tokens:
 - ``needs_attention``: the backbone runs the blocks before the point with their attention exposed and
   calls :meth:`TokenPruner.observe_attention` on each (TRAM, Evo-ViT);
 - :meth:`TokenPruner.runs_blocks`: the pruner runs the blocks after its point itself through
-  :meth:`TokenPruner.run_block` (Evo-ViT's slow-fast update, DynamicViT's masked attention in training);
+  :meth:`TokenPruner.run_block` (Evo-ViT's slow-fast update);
+- ``PruneResult.soft_keep``: a differentiable keep; every backbone runs all tokens with policy-weighted
+  keys (DynamicViT's training);
 - ``PruneResult.early_logits`` / ``exit_grid``: final predictions made at the point (DToP);
 - :meth:`TokenPruner.assemble`: rebuild the full token grid for the decoder (STP's token assembly);
 - ``PruneResult.merged_tokens`` / ``merge_target``: tokens merged instead of dropped, unmerged before the
@@ -81,11 +83,14 @@ class PointState:
         keep: ``(B, Z)`` bool, the last point's keep mask (exemptions applied); set only for pruners that
             run the blocks after their point themselves.
         carried: the method's own state from the previous point (or its attention observer).
+        soft_keep: ``(B, N)`` the differentiable keep the tokens run under (the previous point's
+            ``PruneResult.soft_keep``, exemptions applied; the token set's ``weight``), or None.
     """
 
     exempt: Tensor | None = None
     keep: Tensor | None = None
     carried: CarriedState | None = None
+    soft_keep: Tensor | None = None
 
 
 @dataclass
@@ -111,6 +116,11 @@ class PruneResult:
             tokens before ``keep`` is applied.
         merge_target: ``(B, N)`` long or None; the slot each token was merged into (its own slot when
             it was not). A merged-away place takes its destination's final value before the decoder.
+        soft_keep: ``(B, N)`` float or None; a keep policy equal to ``keep`` in value that carries the
+            selector's gradient (DynamicViT's Gumbel sample in training). When set, nothing is removed:
+            the later blocks run on every token, each key weighted by the policy
+            (:class:`~prato_exp.tokens.attention_mask.KeyPolicy`), and every read of the grid (the
+            decoder's, merges, convolutions) sees the tokens times it.
     """
 
     keep: Tensor
@@ -124,6 +134,7 @@ class PruneResult:
     early_loss_weight: float = 1.0
     merged_tokens: Tensor | None = None
     merge_target: Tensor | None = None
+    soft_keep: Tensor | None = None
 
     def __getattr__(self, name: str) -> Tensor:
         extras = self.__dict__.get("extras", {})
@@ -235,10 +246,6 @@ class TokenPruner(nn.Module):
     def run_block(self, parts: BlockParts, tokens: Tensor, state: PointState) -> tuple[Tensor, PointState]:
         """Run one block on the full grid ``tokens`` ``(B, Z, C)``; ``state.keep`` is ``(B, Z)``."""
         raise NotImplementedError(f"{type(self).__name__} does not run blocks itself")
-
-    def grid_view(self, tokens: Tensor, state: PointState) -> Tensor:
-        """What the decoder reads of ``tokens`` ``(B, Z, C)`` after :meth:`run_block` (default: all)."""
-        return tokens
 
     def assemble(
         self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list[PruneResult]

@@ -9,9 +9,11 @@ At each pruning point a prediction module scores the alive tokens ``x`` ``(B, N,
     logits = LogSoftmax(MLP_{C -> C/2 -> C/4 -> 2}(cat(local, global)))     # channel 0 = log P(keep)
 
 Training: ``D = GumbelSoftmax(logits, tau=1, hard=True)[..., 0] * D_prev`` (0/1 in value, straight-
-through gradient). Nothing is removed: every later block runs on all tokens with attention masked by
-the policy (``softmax_with_policy``: a kept query attends to kept keys, a dropped token to itself),
-so batch shapes stay fixed and the gradient reaches the predictor through the attention. The keep
+through gradient), returned as ``PruneResult.soft_keep``. Nothing is removed: every backbone runs the
+later blocks on all tokens with attention weighted by the policy
+(:class:`~prato_exp.tokens.attention_mask.KeyPolicy`, the original's ``softmax_with_policy``: a kept
+query attends to kept keys, a dropped token to itself), so batch shapes stay fixed and the gradient
+reaches the predictor through the attention. The keep
 ratio loss ``ratio_weight / P * sum_p mean_b (mean_n D_p - rho_p)^2`` pulls the kept fraction of all
 ``Z`` tokens toward the cumulative target ``rho_p`` (over the images that are pruned: rows exempted by
 the ``no_pruning`` empty-slice fallback neither count nor pass gradients). Inference keeps the
@@ -23,9 +25,14 @@ Departures for dense prediction, and why:
   (``n - floor(q n / 100)`` at every point), and inference keeps exactly PrATo's count, so tables compare
   at equal budget (the paper's ``[rho, rho^2, rho^3]`` with ``rho = 0.7`` is ``q = 30`` at 3 points).
 - No class token: the global feature averages the policy-weighted patch tokens only.
-- The decoder reads the token grid: in training, places the policy drops are zeroed on the grid the
-  skips and the final feature come from (``grid_view``), exactly what ``fill=zero`` gives at inference;
-  so the task loss also reaches the predictor through the skips (the original has no dense output).
+- The decoder reads the token grid: in training, places the policy drops read as the tokens times the
+  policy (zero in value) wherever the grid is read (skips, the final feature, Swin's merges, SegFormer's
+  convolutions), exactly what ``fill=zero`` gives at inference; so the task loss also reaches the
+  predictor through the skips (the original has no dense output).
+- Hierarchical backbones (Swin UNETR, SegFormer): keys are weighted per window slot (Swin) or per
+  spatially reduced key, by its largest parent's policy (SegFormer, where a query reads itself only at
+  ``sr = 1``), and a next-stage token's policy is its largest parent's; the training execution then
+  equals ``drop`` of the sampled keep in value (tested).
 - No distillation: the paper distils from an unpruned pretrained teacher (token MSE + logit KL, weight
   0.5). Models here train from scratch on a fixed budget with the same recipe as every other pruner,
   so the teacher terms are left out; ``ratio_weight`` keeps the paper's 2.0.
@@ -34,15 +41,11 @@ Departures for dense prediction, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from prato_exp.pruning.base import (
-    SLOT_ALIGNED,
-    CarriedState,
     FillMode,
     PointState,
     PruneMode,
@@ -52,32 +55,6 @@ from prato_exp.pruning.base import (
 )
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
-from prato_exp.tokens.blocks import BlockParts, WeightsFn
-
-
-def policy_weights(policy: Tensor, eps: float = 1e-6) -> WeightsFn:
-    """DynamicViT's ``softmax_with_policy``: attention restricted to kept keys plus the query itself.
-
-    ``policy`` ``(B, N)`` is 1 for kept and 0 for dropped tokens (float, may carry gradients).
-    """
-
-    def weights(scores: Tensor) -> Tensor:
-        n, in_dtype = scores.shape[-1], scores.dtype
-        eye = torch.eye(n, dtype=torch.float32, device=scores.device)
-        keys = policy.float()[:, None, None, :]
-        attn_policy = keys + (1.0 - keys) * eye
-        scores = scores.float()
-        exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * attn_policy
-        return ((exp + eps / n) / (exp.sum(dim=-1, keepdim=True) + eps)).to(in_dtype)
-
-    return weights
-
-
-@dataclass
-class DynamicViTState(CarriedState):
-    """``policy`` ``(B, N)``: the training keep policy ``D`` (0/1 in value, with the sample's gradient)."""
-
-    policy: Tensor = field(metadata=SLOT_ALIGNED)
 
 
 class DynamicViTPruner(TokenPruner):
@@ -93,8 +70,6 @@ class DynamicViTPruner(TokenPruner):
         min_keep: tokens always kept per image at inference.
         context: the backbone's pruning context (point index and count set ``rho_p``).
     """
-
-    plain_vit_only = True
 
     def __init__(
         self,
@@ -134,9 +109,6 @@ class DynamicViTPruner(TokenPruner):
         """``rho_p``: the cumulative fraction of the grid kept after this point."""
         return (1.0 - self.q / 100.0) ** (self.point_index + 1)
 
-    def runs_blocks(self) -> bool:
-        return self.training
-
     def score_and_select(
         self,
         tokens: Tensor,
@@ -149,7 +121,7 @@ class DynamicViTPruner(TokenPruner):
         state: PointState,
     ) -> PruneResult:
         """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
-        prev = self._policy(state) if isinstance(state.carried, DynamicViTState) else valid.to(tokens.dtype)
+        prev = state.soft_keep if state.soft_keep is not None else valid.to(tokens.dtype)
         log_probs = self.predictor(tokens, prev).log_softmax(dim=-1)
         scores = log_probs[..., 0].exp()
         if not self.training:
@@ -167,27 +139,5 @@ class DynamicViTPruner(TokenPruner):
             keep=policy.detach() > 0.5,
             scores=scores.detach(),
             aux_losses={"keep_ratio": self.ratio_weight / self.num_points * ratio_loss},
-            carried=DynamicViTState(policy),
+            soft_keep=policy,
         )
-
-    def _policy(self, state: PointState) -> Tensor:
-        """The policy in value equal to ``keep`` (exemptions applied), with the sample's gradient.
-
-        Images exempt from pruning (``state.exempt``) keep everything and pass no gradient.
-        """
-        assert isinstance(state.carried, DynamicViTState) and state.keep is not None
-        policy = state.carried.policy
-        straight_through = policy - policy.detach()
-        if state.exempt is not None:
-            straight_through = straight_through * (~state.exempt)[:, None].to(policy.dtype)
-        return state.keep.to(policy.dtype) + straight_through
-
-    def run_block(self, parts: BlockParts, tokens: Tensor, state: PointState) -> tuple[Tensor, PointState]:
-        """One block on all tokens, attention restricted by the policy (training only)."""
-        r1, _ = parts.attention(tokens, policy_weights(self._policy(state)))
-        tokens = tokens + r1
-        return tokens + parts.mlp(tokens), state
-
-    def grid_view(self, tokens: Tensor, state: PointState) -> Tensor:
-        """Dropped places read as zero, as with ``fill=zero`` at inference."""
-        return tokens * self._policy(state)[..., None].to(tokens.dtype)

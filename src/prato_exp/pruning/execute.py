@@ -2,11 +2,14 @@
 
 A backbone hands the pruner the :class:`~prato_exp.tokens.token_set.TokenSet` alive at its point and
 gets back the set its later blocks run on: gathered (``drop``), on the grid with pruned places zero
-(``mask``), or whole with the pruned tokens zeroed once (``zero_once``); pruners that run the next
-blocks themselves get the set unchanged and their keep mask in the state.
+(``mask``), or whole with the pruned tokens zeroed once (``zero_once``); a differentiable keep
+(``PruneResult.soft_keep``) gives the whole set weighted by it; pruners that run the next blocks
+themselves get the set unchanged and their keep mask in the state.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -72,7 +75,7 @@ def apply_pruner(
     mask for later blocks and the state handed to the next point (gathered with the kept tokens in
     ``drop`` mode).
     """
-    state = state or PointState()
+    state = replace(state or PointState(), soft_keep=alive.weight)
     result = pruner(
         alive.tokens,
         alive.grid_hw,
@@ -88,6 +91,13 @@ def apply_pruner(
     trace.results.append(result)
     trace.merges.append(merge_places(result, alive))
 
+    if result.soft_keep is not None:  # every token runs, weighted by the keep policy (value: keep)
+        gradient = result.soft_keep - result.soft_keep.detach()
+        if prune_enabled is not None:  # exempt images keep everything and pass no gradient
+            enabled = prune_enabled.to(device=keep.device, dtype=torch.bool)
+            gradient = gradient * enabled[:, None].to(gradient.dtype)
+        trace.keep_grids.append(keep)
+        return scaled.weighted(keep.to(gradient.dtype) + gradient), keep, None, new_state
     if pruner.runs_blocks():  # the pruner runs the next blocks on the full grid itself
         new_state.keep = keep
         trace.keep_grids.append(keep)  # re-selected from the full grid at every point (Evo-ViT)

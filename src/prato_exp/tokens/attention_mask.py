@@ -11,6 +11,10 @@ fact, ``keep`` ``(B, K)`` bool with True = "may be attended to", and gives each 
 - :meth:`KeyMask.apply` / :meth:`KeyMask.softmax`: hand-written attention (Swin's gathered windows,
   :mod:`prato_exp.tokens.blocks`): ``-inf`` on the masked keys of ``(B, heads, Q, K)`` logits;
 - :func:`reduced_key_keep`: SegFormer's spatially reduced keys, kept where any of their parents is.
+
+:class:`KeyPolicy` is the differentiable counterpart (DynamicViT's training): ``weights`` ``(B, K)`` in
+``[0, 1]`` multiply each key's exponentiated score, so a dropped key is excluded in value while the
+gradient still tells the policy what reading it would have given.
 """
 
 from __future__ import annotations
@@ -54,6 +58,39 @@ class KeyMask:
     def softmax(self, logits: Tensor) -> Tensor:
         """Attention weights ``(B, heads, Q, K)``: softmax over the kept keys of ``logits``."""
         return self.apply(logits).softmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """``weights`` ``(B, K)`` float, a keep policy over the keys (1 kept, 0 dropped; may carry gradients).
+
+    :meth:`softmax` is DynamicViT's ``softmax_with_policy``: the weights multiply the exponentiated scores,
+    ``eps`` keeps a row with no kept key finite, and (``self_attend``, square attention only) a query
+    always reads itself, so a dropped token stays defined while no kept token reads it.
+    """
+
+    weights: Tensor
+    eps: float = 1e-6
+
+    def softmax(self, logits: Tensor, self_attend: bool = True) -> Tensor:
+        """Attention weights ``(B, heads, Q, K)`` of ``logits`` under the policy (float32 inside)."""
+        n, in_dtype = logits.shape[-1], logits.dtype
+        keys = self.weights.float()[:, None, None, :]
+        if self_attend:
+            eye = torch.eye(n, dtype=torch.float32, device=logits.device)
+            keys = keys + (1.0 - keys) * eye
+        scores = logits.float()
+        exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * keys
+        return ((exp + self.eps / n) / (exp.sum(dim=-1, keepdim=True) + self.eps)).to(in_dtype)
+
+
+def reduced_key_policy(weights: Tensor, grid_hw: tuple[int, int], sr: int) -> Tensor:
+    """The policy of SegFormer's spatially reduced keys: the largest of their ``sr x sr`` parents'.
+
+    ``weights`` ``(B, h * w)`` -> ``(B, (h // sr) * (w // sr))``; the gradient goes to that parent.
+    """
+    b = weights.shape[0]
+    return F.max_pool2d(weights.view(b, 1, *grid_hw), sr, sr).flatten(1)
 
 
 def reduced_key_keep(keep: Tensor, grid_hw: tuple[int, int], sr: int) -> Tensor:

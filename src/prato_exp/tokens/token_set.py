@@ -8,6 +8,10 @@ layouts:
   an image's count are padding (``valid`` False, zero tokens). What ``drop`` runs on.
 - on the grid (``on_grid=True``): ``N = Z = h * w`` and slot ``n`` is place ``n``; ``valid`` marks the
   places still alive and the others hold zeros. What ``mask`` runs on.
+- weighted (:meth:`TokenSet.weighted`): on the grid, every place runs, and ``weight`` ``(B, Z)`` (1 kept,
+  0 dropped, carrying a selector's gradient) multiplies every read of the grid (:meth:`TokenSet.rezero`,
+  :meth:`TokenSet.to_grid`) and every key (:class:`~prato_exp.tokens.attention_mask.KeyPolicy`). What a
+  differentiable keep (DynamicViT's training) runs on: ``drop`` in value, with gradients to the policy.
 
 :meth:`TokenSet.select` executes a keep mask in either mode, :meth:`TokenSet.to_grid` puts the set back
 on the grid with a fill rule, :func:`child_keep` carries a keep mask to the next stage of a hierarchical
@@ -36,6 +40,7 @@ class TokenSet:
     valid: Tensor
     grid_hw: tuple[int, int]
     on_grid: bool = False
+    weight: Tensor | None = None
 
     @classmethod
     def full(cls, tokens: Tensor, grid_hw: tuple[int, int]) -> TokenSet:
@@ -58,6 +63,12 @@ class TokenSet:
         """``(B, N)`` bool: slots that hold a grid place (all of them on the grid; not padding)."""
         return torch.ones_like(self.valid) if self.on_grid else self.valid
 
+    def weighted(self, weight: Tensor) -> TokenSet:
+        """This grid-layout set with every place running and reads weighted by ``weight`` ``(B, Z)``."""
+        if not self.on_grid:
+            raise ValueError("a weighted token set needs the grid layout (TokenSet.full)")
+        return replace(self, valid=torch.ones_like(self.valid), weight=weight)
+
     def with_tokens(self, tokens: Tensor) -> TokenSet:
         """The same layout holding new ``tokens`` ``(B, N, C')``."""
         return replace(self, tokens=tokens)
@@ -67,19 +78,25 @@ class TokenSet:
         return self.valid.sum(dim=1)
 
     def keep_grid(self) -> Tensor:
-        """``(B, Z)`` bool: which grid places hold an alive token."""
+        """``(B, Z)`` bool: which grid places hold an alive token (a weighted set: weight above 1/2)."""
+        if self.weight is not None:
+            return self.weight.detach() > 0.5
         if self.on_grid:
             return self.valid
         return keep_on_grid(self.positions, self.valid, self.num_grid)
 
     def rezero(self, tokens: Tensor | None = None) -> Tensor:
-        """``tokens`` (default: the set's) ``(B, N, C)`` with every slot that is not alive set to zero."""
+        """``tokens`` (default: the set's) ``(B, N, C)`` with every slot that is not alive set to zero
+        (a weighted set: times its weight)."""
         tokens = self.tokens if tokens is None else tokens
-        return tokens * self.valid[..., None].to(tokens.dtype)
+        alive = self.valid if self.weight is None else self.weight
+        return tokens * alive[..., None].to(tokens.dtype)
 
     def select(self, keep: Tensor, mode: SelectMode) -> TokenSet:
         """Execute ``keep`` ``(B, N)`` bool (slot-aligned): ``drop`` gathers the kept tokens (padding to
         the batch's largest count, in grid order), ``mask`` keeps the grid and zeroes the pruned places."""
+        if self.weight is not None:
+            raise ValueError("a weighted token set is not selected from; carry its weight (child_weight)")
         keep = keep & self.valid
         if mode == "drop":
             order, valid = kept_order(keep)
@@ -138,6 +155,13 @@ def child_keep(keep: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> tuple
     b = keep.shape[0]
     pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), stride, stride, ceil_mode=True)
     return pooled.flatten(1) > 0, (int(pooled.shape[-2]), int(pooled.shape[-1]))
+
+
+def child_weight(weight: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> Tensor:
+    """:func:`child_keep` for a differentiable keep ``weight`` ``(B, h * w)``: each child's weight is its
+    largest parent's (the gradient goes to that parent). Returns ``(B, h' * w')``."""
+    b = weight.shape[0]
+    return F.max_pool2d(weight.view(b, 1, *grid_hw), stride, stride, ceil_mode=True).flatten(1)
 
 
 def kept_order(keep: Tensor) -> tuple[Tensor, Tensor]:
