@@ -208,9 +208,9 @@ def test_inference_flops_fall_on_the_executed_graph(name):
 
 def test_stp_assembler_cost_is_counted_in_the_pruned_part():
     net = _net(BASELINES["stp"]).eval()
-    assert "pruners.3.assembler" in net.pruned_part()
+    assert "pruners.3.assemblers" in net.pruned_part()
     report = count_flops(net, *_inputs(1))
-    assert report.flops_under(["pruners.3.assembler"]) > 0
+    assert report.flops_under(["pruners.3.assemblers"]) > 0
 
 
 # --- attention-reading pruners ------------------------------------------------------------------------
@@ -452,7 +452,42 @@ def test_dynamicvit_training_computes_what_drop_computes_for_its_sampled_keep(ba
     torch.testing.assert_close(net(image, box).logits, soft.logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["evovit", "stp", "tram"])
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_stp_assembles_every_decoder_grid_from_the_pruning_point_on(backbone):
+    net = _hierarchical(backbone, BASELINES["stp"]).eval()
+    pruner = next(iter(net.pruners.values()))
+    calls = []
+    assemble = pruner.assemble
+
+    def spy(final, carry, exit_point, results, index=0):
+        calls.append((index, tuple(final.shape[1:]), int((exit_point == 0).sum())))
+        return assemble(final, carry, exit_point, results, index)
+
+    pruner.assemble = spy
+    image, box = _inputs()
+    out = net(image, box)
+    grids = [(a.grid_hw[0] * a.grid_hw[1], a.out.out_features) for a in pruner.assemblers]
+    assert len(grids) == {"swin": 4, "segformer": 3}[backbone]  # the point's grid and every later stage
+    assert [index for index, _, _ in calls] == list(range(len(grids)))
+    assert [shape for _, shape, _ in calls] == grids
+    assert calls[0][2] == int((~out.trace.keep_grids[0]).sum())  # pruned at the point: the first group
+    assert any(name.endswith("assemblers") for name in net.pruned_part())
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_stp_trains_every_assembler_in_hierarchical_backbones(backbone):
+    """The score net and every assembler get gradients (the pruned group's own layers at the later
+    stages only where a place stays pruned there; at 64 px the parent rule keeps them all)."""
+    net = _hierarchical(backbone, BASELINES["stp"]).train()
+    out = net(*_inputs())
+    out.logits.square().mean().backward()
+    pruner = next(iter(net.pruners.values()))
+    trained = [pruner.predictor, pruner.assemblers[0]] + [a.blocks for a in pruner.assemblers]
+    missing = [m for m in trained for p in m.parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", ["evovit", "tram"])
 def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
     from prato_exp.models.swin_unetr import PrunableSwinUNETR
 

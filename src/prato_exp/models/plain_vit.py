@@ -70,13 +70,6 @@ def build_pruners(
     )
 
 
-def assembler_names(pruners: nn.ModuleDict, prefix: str = "pruners") -> list[str]:
-    """Module names of token assemblers (STP's MTA): they run after pruning, on the full grid."""
-    return [
-        f"{prefix}.{key}.assembler" for key, p in pruners.items() if getattr(p, "assembler", None) is not None
-    ]
-
-
 def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
     """Run a MONAI ``TransformerBlock``; its einsum attention takes a ``(B, N)`` bool keep mask."""
     return block(tokens, attn_mask=KeyMask(key_keep).monai())

@@ -26,7 +26,8 @@ Keep rule across stages: a token of stage ``s + 1`` is kept if any of its ``stri
 (its stride footprint, rows ``[i * stride, (i + 1) * stride)``, 2 x 2 in MiT) of stage ``s`` is kept.
 The decoder reads every stage's output (after the stage's LayerNorm) scattered to its grid, pruned places
 holding zeros (``fill="zero"``) or, with ``fill="carry"``, the stage's LayerNorm of the token's patch
-embedding (its value where it was dropped). ``mask`` runs the same code on the full grid (alive tokens
+embedding (its value where it was dropped); a pruner with a token assembly (STP) rebuilds each of those
+grids from the kept and the carried tokens. ``mask`` runs the same code on the full grid (alive tokens
 ``=`` all places, ``valid = keep``, every token-wise output re-zeroed), so it equals ``drop`` up to float
 error. ``zero_once`` zeroes the pruned tokens once and runs the unmodified blocks on the whole grid.
 
@@ -60,7 +61,14 @@ from transformers.models.segformer.modeling_segformer import (
 
 from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import NoPruner, PrunerContext, PrunerFactory, TokenPruner, refuse_plain_vit_only
+from prato_exp.pruning.base import (
+    NoPruner,
+    PrunerContext,
+    PrunerFactory,
+    TokenPruner,
+    grid_module_names,
+    refuse_plain_vit_only,
+)
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy, reduced_key_keep, reduced_key_policy
@@ -258,10 +266,18 @@ class PrunableSegFormer(nn.Module):
             for block in stage.blocks:
                 block.__class__ = PrunableSegformerLayer
         factory = pruner or NoPruner
-        side = img_size
-        for stride in stages["strides"][:prune_at_stage]:
-            side = -(-side // stride)  # an odd patch with padding patch // 2 gives ceil(side / stride)
-        context = PrunerContext(num_classes=out_channels, grid_hw=(side, side), depth=sum(stages["depths"]))
+        sides = [img_size]
+        for stride in stages["strides"]:
+            sides.append(-(-sides[-1] // stride))  # an odd patch with padding patch // 2: ceil(side / stride)
+        context = PrunerContext(
+            num_classes=out_channels,
+            grid_hw=(sides[prune_at_stage],) * 2,
+            depth=sum(stages["depths"]),
+            decoder_grids=tuple(
+                (stages["hidden_sizes"][s - 1], (sides[s], sides[s]))
+                for s in range(prune_at_stage, num_stages + 1)
+            ),
+        )
         point = factory(dim=stages["hidden_sizes"][prune_at_stage - 1], context=context)
         refuse_plain_vit_only(point, "SegFormer")
         if point.needs_attention:
@@ -334,7 +350,13 @@ class PrunableSegFormer(nn.Module):
             else:
                 normed = self._run_pruned_stage(stage, alive)
                 out = normed.to_grid()
-                decoder_in = normed.to_grid(stage.layer_norm(carry)) if pruner.fill == "carry" else out
+                decoder_in = out
+                if pruner.fill == "carry":
+                    carried = stage.layer_norm(carry)
+                    exit_point = -normed.keep_grid().long()  # -1 kept, 0 pruned at the point
+                    index_at_point = index - self.prune_at_stage
+                    assembled = pruner.assemble(out, carried, exit_point, trace.results, index_at_point)
+                    decoder_in = normed.to_grid(carried) if assembled is None else assembled
                 fractions += [normed.keep_grid().to(image.dtype).mean(dim=1)] * len(stage.blocks)
             maps.append(_to_map(decoder_in, h, w))
             hidden = _to_map(out, h, w)
@@ -362,13 +384,14 @@ class PrunableSegFormer(nn.Module):
     def pruned_part(self) -> list[str]:
         """Module names of what runs after the pruning point (for FLOP ratios).
 
-        The pruned stage's blocks and final norm, and every later stage whole (its patch embedding runs on
-        the zero-filled grid).
+        The pruned stage's blocks and final norm, every later stage whole (its patch embedding runs on
+        the zero-filled grid) and the pruners' grid modules.
         """
         s = self.prune_at_stage - 1
         prefix = "segformer.segformer.stages"
         names = [f"{prefix}.{s}.blocks", f"{prefix}.{s}.layer_norm"]
-        return names + [f"{prefix}.{i}" for i in range(s + 1, len(self.stages))]
+        later = [f"{prefix}.{i}" for i in range(s + 1, len(self.stages))]
+        return names + later + grid_module_names(self.pruners)
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

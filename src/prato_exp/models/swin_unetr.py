@@ -21,7 +21,8 @@ with pruned places zero (``fill`` does not change what kept tokens compute), and
 ``reduction`` run on the kept merged tokens only. The hidden states MONAI's decoder reads
 (``hidden_states_out[s:]`` from the pruning point on) are scattered back to their grids, pruned places
 filled per ``fill``: zeros, or (``carry``) the value at the pruning point, carried through the later
-merges (``norm`` and ``reduction`` then also run on the pruned merged places) but through no block.
+merges (``norm`` and ``reduction`` then also run on the pruned merged places) but through no block; a
+pruner with a token assembly (STP) rebuilds each of those grids from the kept and the carried tokens.
 
 A differentiable keep (``PruneResult.soft_keep``, DynamicViT's training) removes nothing: every block
 runs on the full grid, each slot weighted as a key by the policy (a slot always reads itself; no
@@ -62,6 +63,7 @@ from prato_exp.pruning.base import (
     PrunerContext,
     PrunerFactory,
     TokenPruner,
+    grid_module_names,
     refuse_plain_vit_only,
 )
 from prato_exp.pruning.execute import apply_pruner
@@ -280,8 +282,15 @@ class PrunableSwinUNETR(nn.Module):
                 block.__class__ = PrunableSwinBlock
         factory = pruner or NoPruner
         dim = feature_size * 2**prune_after_stage
-        side = img_size // 2 // 2**prune_after_stage  # patch 2, then one 2 x 2 merge per stage
-        context = PrunerContext(num_classes=out_channels, grid_hw=(side, side), depth=sum(self.depths))
+        sides = {k: img_size // 2 // 2**k for k in range(NUM_STAGES + 1)}  # patch 2, a 2 x 2 merge per stage
+        context = PrunerContext(
+            num_classes=out_channels,
+            grid_hw=(sides[prune_after_stage],) * 2,
+            depth=sum(self.depths),
+            decoder_grids=tuple(
+                (feature_size * 2**k, (sides[k], sides[k])) for k in range(prune_after_stage, NUM_STAGES + 1)
+            ),
+        )
         self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim, context=context)})
         refuse_plain_vit_only(self.pruners[str(prune_after_stage)], "Swin UNETR")
         if pretrained:
@@ -366,13 +375,13 @@ class PrunableSwinUNETR(nn.Module):
             pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace
         )
         state = _PrunedGrid(alive, tokens if pruner.fill == "carry" else None)
-        hidden = [self._hidden(state)]
+        hidden = [self._hidden(state, pruner, trace, 0)]
         fractions: list[Tensor] = []
-        for layer in stages:
+        for index, layer in enumerate(stages, start=1):
             state, stage_fractions = self._run_blocks(layer, state)
             fractions += stage_fractions
             state = self._merge(layer.downsample, state, mode)
-            hidden.append(self._hidden(state))
+            hidden.append(self._hidden(state, pruner, trace, index))
         return hidden, fractions
 
     @staticmethod
@@ -423,9 +432,18 @@ class PrunableSwinUNETR(nn.Module):
             carry = reduce(pruned).to_grid()
         return _PrunedGrid(merged, carry)
 
-    def _hidden(self, state: _PrunedGrid) -> Tensor:
-        """MONAI's ``proj_out`` of the grid of ``state``: ``(B, C, h, w)``, pruned places per ``fill``."""
-        return self.swin_unetr.swinViT.proj_out(state.alive.to_map(state.carry), self.normalize)
+    def _hidden(self, state: _PrunedGrid, pruner: TokenPruner, trace: PruningTrace, index: int) -> Tensor:
+        """MONAI's ``proj_out`` of the grid of ``state``: ``(B, C, h, w)``, pruned places per ``fill``, or
+        the pruner's assembly of it (its ``decoder_grids[index]``, with ``fill=carry``)."""
+        alive = state.alive
+        grid = None
+        if state.carry is not None:
+            exit_point = -alive.keep_grid().long()  # -1 kept to the end, 0 pruned at the point
+            grid = pruner.assemble(alive.to_grid(), state.carry, exit_point, trace.results, index)
+        if grid is None:
+            return self.swin_unetr.swinViT.proj_out(alive.to_map(state.carry), self.normalize)
+        feature_map = grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *alive.grid_hw)
+        return self.swin_unetr.swinViT.proj_out(feature_map, self.normalize)
 
     def _decode(self, image: Tensor, hidden: Sequence[Tensor]) -> Tensor:
         """MONAI's encoders and decoders on the five hidden states (as in ``SwinUNETR.forward``)."""
@@ -442,8 +460,9 @@ class PrunableSwinUNETR(nn.Module):
         return net.out(net.decoder1(dec0, enc0))
 
     def pruned_part(self) -> list[str]:
-        """Module names of the stages after the pruning point (for FLOP ratios)."""
-        return [f"swin_unetr.swinViT.layers{k}" for k in range(self.prune_after_stage + 1, NUM_STAGES + 1)]
+        """Module names of the stages after the pruning point and the pruners' grid modules (FLOP ratios)."""
+        stages = [f"swin_unetr.swinViT.layers{k}" for k in range(self.prune_after_stage + 1, NUM_STAGES + 1)]
+        return stages + grid_module_names(self.pruners)
 
     def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
         """``(B, 4)`` fraction of each stage's grid alive in its blocks (1 before the pruning point)."""

@@ -31,14 +31,13 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
 from prato_exp.models.plain_vit import (
-    assembler_names,
     build_pruners,
     check_block_indices,
     run_pruned_blocks,
     timm_block_runner,
 )
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import PrunerFactory
+from prato_exp.pruning.base import PrunerFactory, grid_module_names
 from prato_exp.tokens.blocks import TimmBlockParts
 
 _BOTTLE_RATIO = 0.25  # ResNetV2's bottleneck width
@@ -275,7 +274,7 @@ class PrunableTransUNet(nn.Module):
         """Module names of the ViT blocks that run after the first pruning point (for FLOP ratios)."""
         depth = len(self.encoder.blocks)
         first = self.prune_after[0] if self.prune_after else depth
-        return [f"encoder.blocks.{i}" for i in range(first, depth)] + assembler_names(self.pruners)
+        return [f"encoder.blocks.{i}" for i in range(first, depth)] + grid_module_names(self.pruners)
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

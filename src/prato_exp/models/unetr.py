@@ -15,9 +15,9 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.plain_vit import assembler_names, build_pruners, check_block_indices, run_pruned_blocks
+from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
-from prato_exp.pruning.base import PrunerFactory
+from prato_exp.pruning.base import PrunerFactory, grid_module_names
 
 
 class PrunableUNETR(nn.Module):
@@ -124,7 +124,7 @@ class PrunableUNETR(nn.Module):
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
         first = self.prune_after[0] if self.prune_after else len(self.unetr.vit.blocks)
         blocks = [f"unetr.vit.blocks.{i}" for i in range(first, len(self.unetr.vit.blocks))]
-        return blocks + assembler_names(self.pruners)
+        return blocks + grid_module_names(self.pruners)
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

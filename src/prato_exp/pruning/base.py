@@ -153,6 +153,9 @@ class PrunerContext:
         depth: number of transformer blocks.
         point_index: 0-based index of this pruner's pruning point.
         num_points: number of pruning points.
+        decoder_grids: ``(channels, (h, w))`` of each grid the decoder reads from the pruning point on,
+            in order, that :meth:`TokenPruner.assemble` may rebuild (``index`` into this tuple); empty
+            for a plain ViT, whose decoder reads one grid: ``grid_hw`` at the pruner's ``dim``.
     """
 
     num_classes: int
@@ -160,6 +163,7 @@ class PrunerContext:
     depth: int
     point_index: int = 0
     num_points: int = 1
+    decoder_grids: tuple[tuple[int, tuple[int, int]], ...] = ()
 
 
 class TokenPruner(nn.Module):
@@ -174,6 +178,9 @@ class TokenPruner(nn.Module):
     rescorable: ClassVar[frozenset[str]] = frozenset()
     """Constructor keys that ``eval.py`` may change on a trained checkpoint: those no learned part of the
     pruner depends on (PrATo's ``q``: its projections never see it). Any other change is refused."""
+    grid_modules: ClassVar[tuple[str, ...]] = ()
+    """Names of submodules that run on the full grid after pruning (STP's token assemblers); a backbone
+    counts them with its pruned part (:func:`grid_module_names`)."""
     plain_vit_only: bool = False
     """True for pruners that need the plain-ViT hooks (state, attention, block runner, early exits,
     assembly) that only UNETR and TransUNet provide; hierarchical backbones refuse them."""
@@ -248,14 +255,16 @@ class TokenPruner(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not run blocks itself")
 
     def assemble(
-        self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list[PruneResult]
+        self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list[PruneResult], index: int = 0
     ) -> Tensor | None:
         """Rebuild a complete ``(B, Z, C)`` grid for the decoder, or None to keep the filled grid.
 
-        ``final``: the last block's normed output on the grid (zero at pruned places); ``carry``: each
-        place's value when it was pruned; ``exit_point`` ``(B, Z)`` long: the 0-based pruning point
-        that removed a place, -1 for places alive to the end; ``results``: every point's result.
-        Called on the first pruning point's pruner, only when some pruner uses ``fill=carry``.
+        ``final``: the kept tokens on the grid (zero at pruned places; a plain ViT's last block, normed);
+        ``carry``: each pruned place's value when it was pruned (carried through a hierarchical model's
+        merges); ``exit_point`` ``(B, Z)`` long: the 0-based pruning point that removed a place, -1 for
+        places alive to the end; ``results``: every point's result; ``index``: which of the context's
+        ``decoder_grids`` this is (0: the pruning point's own grid). Called on the first pruning point's
+        pruner, only when some pruner uses ``fill=carry``.
         """
         return None
 
@@ -278,6 +287,13 @@ class TokenPruner(nn.Module):
     ) -> PruneResult:
         """Return the :class:`PruneResult` for the (already defaulted) arguments of :meth:`forward`."""
         raise NotImplementedError
+
+
+def grid_module_names(pruners: nn.ModuleDict, prefix: str = "pruners") -> list[str]:
+    """Module names of the pruners' ``grid_modules`` (they run after pruning, on the full grid)."""
+    return [
+        f"{prefix}.{key}.{name}" for key, p in pruners.items() for name in p.grid_modules if hasattr(p, name)
+    ]
 
 
 def refuse_plain_vit_only(pruner: TokenPruner, backbone: str) -> None:

@@ -31,6 +31,11 @@ Departures, and why:
   (384, 3, 8); the MTA runs on all ``Z`` tokens and its FLOPs are counted with the pruned part.
 - Skips read before the first pruning point are left as they are (nothing was pruned there).
 - The MTA belongs to the pruner of the first pruning point (it needs every point's tokens).
+- Hierarchical backbones (Swin UNETR, SegFormer), whose decoder reads one grid per stage: one MTA per
+  grid from the pruning point on (the context's ``decoder_grids``; width = that stage's channels unless
+  ``mta_width`` is set), each assembling the stage's kept tokens and the pruned places' carried values
+  (``fill=carry``: the value at the point carried through Swin's merges; SegFormer's stage LayerNorm of
+  the patch embedding). Pruned tokens' soft-top-K scale applies on the point's own grid only.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class TokenAssembler(nn.Module):
         self, dim: int, grid_hw: tuple[int, int], num_points: int, width: int, depth: int, heads: int
     ) -> None:
         super().__init__()
+        self.grid_hw = tuple(grid_hw)
         self.num_points = num_points
         self.point_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_points))
         self.group_proj = nn.ModuleList(nn.Linear(dim, width) for _ in range(num_points + 1))
@@ -111,7 +117,7 @@ class STPPruner(TokenPruner):
         context: the backbone's pruning context (grid and points for the MTA).
     """
 
-    plain_vit_only = True
+    grid_modules = ("assemblers",)
 
     def __init__(
         self,
@@ -137,7 +143,8 @@ class STPPruner(TokenPruner):
             raise ValueError(f"perturbation must be 'gumbel' or 'none', got {perturbation!r}")
         if assembly and (fill != "carry" or context is None):
             raise ValueError(
-                "stp's token assembly needs fill=carry and a backbone context (UNETR, TransUNet)"
+                "stp's token assembly needs pruning.fill=carry and a backbone context "
+                f"(pruner(dim=..., context=...)); got fill={fill!r}"
             )
         super().__init__(mode=mode, fill=fill)
         self.q = q
@@ -145,12 +152,14 @@ class STPPruner(TokenPruner):
         self.perturbation = perturbation
         self.min_keep = min_keep
         self.predictor = LocalGlobalScorer(dim, out_features=1)
-        self.assembler: TokenAssembler | None = None
+        self.assemblers = nn.ModuleList()
         if assembly and context is not None and context.point_index == 0:
-            width = mta_width or dim
-            self.assembler = TokenAssembler(
-                dim, context.grid_hw, context.num_points, width, mta_depth, mta_heads
-            )
+            grids = context.decoder_grids or ((dim, context.grid_hw),)
+            for channels, grid_hw in grids:
+                width = mta_width or channels
+                self.assemblers.append(
+                    TokenAssembler(channels, grid_hw, context.num_points, width, mta_depth, mta_heads)
+                )
 
     def extra_repr(self) -> str:
         return f"q={self.q}, gumbel_tau={self.gumbel_tau}, perturbation={self.perturbation}"
@@ -189,14 +198,17 @@ class STPPruner(TokenPruner):
             extras={"grid_pruned_scale": pruned_scale},
         )
 
-    def assemble(self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list) -> Tensor | None:
-        """The MTA's full grid (first point's pruner only); pruned tokens carry their soft-top-K scale."""
-        if self.assembler is None:
+    def assemble(
+        self, final: Tensor, carry: Tensor, exit_point: Tensor, results: list, index: int = 0
+    ) -> Tensor | None:
+        """The MTA's grid number ``index`` (first point's pruner only); on the pruning point's own grid
+        (``index`` 0) pruned tokens carry their soft-top-K scale."""
+        if not self.assemblers:
             return None
-        for point, result in enumerate(results):
+        for point, result in enumerate(results if index == 0 else []):
             scale = result.extras.get("grid_pruned_scale")
             if scale is not None:
                 carry = carry * torch.where(exit_point == point, scale, torch.ones_like(scale))[..., None].to(
                     carry.dtype
                 )
-        return self.assembler(final, carry, exit_point)
+        return self.assemblers[index](final, carry, exit_point)
