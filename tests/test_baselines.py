@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.unetr import PrunableUNETR
-from prato_exp.pruning.base import PointState, PrunerContext, pruning_disabled
+from prato_exp.pruning.base import PointState, PrunerContext, PruneResult, TokenPruner, pruning_disabled
 from prato_exp.pruning.budget import percentile_keep_count
 from prato_exp.pruning.dtop import DToPPruner, exit_mask
 from prato_exp.pruning.dynamicvit import DynamicViTPruner
@@ -431,21 +431,14 @@ def test_dynamicvit_trains_in_hierarchical_backbones_with_drop_values_and_policy
 @pytest.mark.parametrize("backbone", ["swin", "segformer"])
 def test_dynamicvit_training_computes_what_drop_computes_for_its_sampled_keep(backbone):
     """With the same Gumbel sample, the weighted execution equals dropping the sampled tokens."""
-    from prato_exp.pruning.base import PruneResult
-
     net = _hierarchical(backbone, BASELINES["dynamicvit"]).train()
     image, box = _inputs()
     torch.manual_seed(3)
     soft = net(image, box)
     sampled = soft.trace.keep_grids[0]
 
-    class Replay(torch.nn.Module):
-        mode, fill, active = "drop", "zero", True
-
-        def runs_blocks(self):
-            return False
-
-        def forward(self, tokens, *args, **kwargs):
+    class Replay(TokenPruner):
+        def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
             return PruneResult(keep=sampled.clone(), scores=sampled.float())
 
     net.pruners[next(iter(net.pruners))] = Replay()
@@ -487,12 +480,67 @@ def test_stp_trains_every_assembler_in_hierarchical_backbones(backbone):
     assert not missing
 
 
-@pytest.mark.parametrize("name", ["evovit", "tram"])
-def test_hierarchical_backbones_refuse_plain_vit_only_pruners(name):
-    from prato_exp.models.swin_unetr import PrunableSwinUNETR
+def test_tram_in_swin_scores_each_window_as_the_block_diagonal_attention_graph():
+    """Per-window relevance put back on the grid equals TRAM's relevance of the dense attention
+    matrix holding every window's map at its grid places (block-diagonal), for a shifted block too."""
+    from prato_exp.models.swin_unetr import _observed_stage
+    from prato_exp.tokens.windows import window_layout
 
-    with pytest.raises(ValueError, match=r"(?i)transunet"):
-        PrunableSwinUNETR(1, 3, img_size=64, feature_size=12, pruner=BASELINES[name])
+    net = _hierarchical("swin", BASELINES["tram"]).eval()
+    tram = next(iter(net.pruners.values()))
+    layer = net.stages()[0]
+    x = net.swin_unetr.swinViT.patch_embed(_inputs()[0])  # (2, C, 32, 32)
+    grid_hw = (x.shape[-2], x.shape[-1])
+    maps = []
+    hooks = [blk.attn.softmax.register_forward_hook(lambda _m, _i, o: maps.append(o)) for blk in layer.blocks]
+    recorded = []
+
+    class Recorder(TRAMPruner):
+        def observe_scores(self, scores, valid, state, block_index):
+            recorded.append(scores)
+            return super().observe_scores(scores, valid, state, block_index)
+
+    recorder = Recorder(context=PrunerContext(3, (16, 16), depth=tram.depth))
+    with torch.no_grad():
+        _, state = _observed_stage(layer, x, recorder, PointState(), first_block=1)
+    for hook in hooks:
+        hook.remove()
+    b, z = x.shape[0], grid_hw[0] * grid_hw[1]
+    for block, weights, scores in zip(layer.blocks, maps[: len(recorded)], recorded, strict=True):
+        from monai.networks.nets.swin_unetr import get_window_size
+
+        window, shift = get_window_size(grid_hw, block.window_size, block.shift_size)
+        slot = window_layout(grid_hw, window, shift, x.device).slot_of_position  # (Z,)
+        t = window[0] * window[1]
+        per_image = weights.view(b, -1, weights.shape[1], t, t)  # (B, nW, heads, T, T)
+        dense = torch.zeros(b, weights.shape[1], z, z)
+        same_window = (slot[:, None] // t) == (slot[None, :] // t)
+        rows, cols = same_window.nonzero(as_tuple=True)
+        pair_weights = per_image[:, slot[rows] // t, :, slot[rows] % t, slot[cols] % t]  # (P, B, heads)
+        dense[:, :, rows, cols] = pair_weights.permute(1, 2, 0)
+        expected = layer_relevance(dense, torch.ones(b, z, dtype=torch.bool))
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    assert state.carried.centrality.shape == (b, z // 4)  # carried across the 2 x 2 merge (summed)
+    expected_sum = sum((i / tram.depth) * s for i, s in enumerate(recorded, start=1)).sum(dim=1)
+    torch.testing.assert_close(state.carried.centrality.sum(dim=1), expected_sum)
+
+
+def test_tram_in_swin_keeps_prato_percentile_count():
+    net = _hierarchical("swin", BASELINES["tram"]).eval()
+    out = net(*_inputs())
+    kept = out.trace.keep_grids[0].sum(dim=1)
+    assert kept.tolist() == percentile_keep_count(torch.tensor([256, 256]), 25).tolist()
+
+
+def test_segformer_refuses_attention_rankers_with_the_reason():
+    with pytest.raises(ValueError, match="spatially reduced keys"):
+        _hierarchical("segformer", BASELINES["tram"])
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_hierarchical_backbones_refuse_evovit_with_its_reason(backbone):
+    with pytest.raises(ValueError, match=r"EvoViTPruner cannot run in .*representative token.*model=unetr"):
+        _hierarchical(backbone, BASELINES["evovit"])
 
 
 def test_dtop_refuses_a_threshold_choice_with_a_clear_error():

@@ -282,8 +282,10 @@ class PrunableSegFormer(nn.Module):
         refuse_plain_vit_only(point, "SegFormer")
         if point.needs_attention:
             raise ValueError(
-                f"{type(point).__name__} needs the previous block's attention, which SegFormer does not have "
-                "at a patch embedding (its tokens are new there)"
+                f"{type(point).__name__} ranks tokens by the attention they received in the blocks before "
+                "the pruning point; SegFormer's tokens there are new (stage "
+                f"{prune_at_stage}'s patch embedding) and its attention reads spatially reduced keys, so no "
+                "token has received any; use model=unetr, transunet or swin_unetr"
             )
         self.pruners = nn.ModuleDict({str(prune_at_stage - 1): point})
         if pretrained:

@@ -42,7 +42,7 @@ input otherwise); parameters, state-dict keys and outputs are unchanged wherever
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from monai.networks.nets import SwinUNETR
@@ -59,6 +59,7 @@ from prato_exp.models.base import SegOutput
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import (
     NoPruner,
+    PointState,
     PruneMode,
     PrunerContext,
     PrunerFactory,
@@ -109,6 +110,39 @@ def window_attention(
     probs = attn.softmax(logits) if key_weight is None else KeyPolicy(key_weight).softmax(logits)
     probs = attn.attn_drop(probs).to(v.dtype)
     return (probs @ v).transpose(1, 2).reshape(wa, t, c)
+
+
+def _observed_stage(
+    layer: BasicLayer, x: Tensor, observer: TokenPruner, state: PointState, first_block: int
+) -> tuple[Tensor, PointState]:
+    """MONAI's stage ``layer`` on ``x`` ``(B, C, h, w)``, showing each block's window attention to
+    ``observer`` (its ``attention_score`` per window, put back on the grid; blocks numbered from
+    ``first_block``), then carrying the observed state across the stage's 2 x 2 patch merging."""
+    grid_hw = (x.shape[-2], x.shape[-1])
+    captured: list[Tensor] = []
+    hooks = [
+        block.attn.softmax.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        for block in layer.blocks
+    ]
+    try:
+        out = layer(x.contiguous())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    b = x.shape[0]
+    grid_valid = torch.ones(b, grid_hw[0] * grid_hw[1], dtype=torch.bool, device=x.device)
+    for offset, (block, weights) in enumerate(zip(layer.blocks, captured, strict=True)):
+        window, shift = get_window_size(grid_hw, block.window_size, block.shift_size)
+        layout = window_layout(grid_hw, window, shift, x.device)
+        t = layout.window_tokens
+        real = ~layout.pad_slots.view(1, -1, t).expand(b, -1, -1).reshape(-1, t)  # (B * nW, T)
+        scores = observer.attention_score(weights, real).reshape(b, -1)  # (B, nW * T)
+        state = observer.observe_scores(
+            scores[:, layout.slot_of_position], grid_valid, state, first_block + offset
+        )
+    if state.carried is not None and layer.downsample is not None:
+        state = replace(state, carried=state.carried.merged_2x2(grid_hw))
+    return out, state
 
 
 class InstanceNormAnySize(nn.InstanceNorm2d):
@@ -316,8 +350,15 @@ class PrunableSwinUNETR(nn.Module):
 
         x = vit.pos_drop(vit.patch_embed(image))  # (B, C, H/2, W/2)
         hidden = [vit.proj_out(x, self.normalize)]
-        for layer in stages[:point]:
-            x = layer(x.contiguous())
+        state = PointState()
+        observer = pruner if pruner.active and pruner.needs_attention else None
+        for index, layer in enumerate(stages[:point]):
+            if observer is None:
+                x = layer(x.contiguous())
+            else:
+                x, state = _observed_stage(
+                    layer, x, observer, state, first_block=sum(self.depths[:index]) + 1
+                )
             hidden.append(vit.proj_out(x, self.normalize))
 
         ones = x.new_ones(x.shape[0])
@@ -328,7 +369,7 @@ class PrunableSwinUNETR(nn.Module):
             trace.first_pruned_block = sum(self.depths[:point]) + 1
         if pruner.active and pruner.mode != "zero_once":
             pruned_hidden, pruned_fractions = self._run_pruned(
-                x, stages[point:], pruner, image_hw, box_xyxy, prune_enabled, trace
+                x, stages[point:], pruner, image_hw, box_xyxy, prune_enabled, trace, state
             )
             hidden[point:] = pruned_hidden
             fractions += pruned_fractions
@@ -342,6 +383,7 @@ class PrunableSwinUNETR(nn.Module):
                     box_xyxy,
                     prune_enabled,
                     trace,
+                    state,
                 )
                 x = alive.tokens.transpose(1, 2).reshape(x.shape)
                 hidden[point] = vit.proj_out(x, self.normalize)
@@ -361,6 +403,7 @@ class PrunableSwinUNETR(nn.Module):
         box_xyxy: Tensor,
         prune_enabled: Tensor | None,
         trace: PruningTrace,
+        state: PointState,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Prune the grid ``x`` ``(B, C, h, w)`` and run ``stages`` on what is kept (drop or mask).
 
@@ -372,7 +415,7 @@ class PrunableSwinUNETR(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, Z, C)
         full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
         alive, _, _, _ = apply_pruner(
-            pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace
+            pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace, state
         )
         state = _PrunedGrid(alive, tokens if pruner.fill == "carry" else None)
         hidden = [self._hidden(state, pruner, trace, 0)]

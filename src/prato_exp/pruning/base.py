@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Self
 
@@ -63,6 +64,25 @@ class CarriedState:
     the alive tokens and gathered with them when ``drop`` removes tokens; the others (on the full grid,
     ``(B, Z, ...)``) are handed on as they are.
     """
+
+    def merged_2x2(self, grid_hw: tuple[int, int]) -> Self:
+        """The state after a 2 x 2 patch merging of its ``grid_hw`` grid (Swin): every slot-aligned field
+        (full grid, ``(B, h * w, ...)``) summed over each place's 2 x 2 parents (odd sides padded).
+
+        Summing fits the per-token quantities methods carry (attention received, centrality, patch
+        counts): a merged token receives what its parents received.
+        """
+        merged = {}
+        for f in fields(self):
+            if f.metadata.get("slots"):
+                values = getattr(self, f.name)
+                b, z = values.shape[:2]
+                h, w = grid_hw
+                grid = values.reshape(b, z, -1).transpose(1, 2).reshape(b, -1, h, w)
+                grid = F.pad(grid, (0, w % 2, 0, h % 2))
+                pooled = grid.view(b, grid.shape[1], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(dim=(3, 5))
+                merged[f.name] = pooled.flatten(2).transpose(1, 2).reshape(b, -1, *values.shape[2:])
+        return replace(self, **merged)
 
     def gathered(self, order: Tensor, valid: Tensor) -> Self:
         """The state after a gather by ``order`` ``(B, N')`` (``valid`` False on padding slots)."""
@@ -181,9 +201,10 @@ class TokenPruner(nn.Module):
     grid_modules: ClassVar[tuple[str, ...]] = ()
     """Names of submodules that run on the full grid after pruning (STP's token assemblers); a backbone
     counts them with its pruned part (:func:`grid_module_names`)."""
-    plain_vit_only: bool = False
-    """True for pruners that need the plain-ViT hooks (state, attention, block runner, early exits,
-    assembly) that only UNETR and TransUNet provide; hierarchical backbones refuse them."""
+    plain_vit_only: ClassVar[str] = ""
+    """Why the method needs global attention over one token grid, which only UNETR and TransUNet have
+    (a sentence naming what it needs); non-empty makes hierarchical backbones refuse it with that reason.
+    Empty for methods that run in every backbone."""
 
     def __init__(self, mode: PruneMode = "drop", fill: FillMode = "zero") -> None:
         super().__init__()
@@ -242,8 +263,23 @@ class TokenPruner(nn.Module):
         """Update ``state.carried`` from one block's attention ``weights`` ``(B, heads, N, N)`` (softmaxed).
 
         Called for every block after the previous pruning point up to this one, only when
-        ``needs_attention``; ``block_index`` is 1-based, ``valid`` ``(B, N)`` marks real tokens.
+        ``needs_attention``; ``block_index`` is 1-based, ``valid`` ``(B, N)`` marks real tokens. The
+        default is :meth:`observe_scores` of :meth:`attention_score`.
         """
+        return self.observe_scores(self.attention_score(weights, valid), valid, state, block_index)
+
+    def attention_score(self, weights: Tensor, valid: Tensor) -> Tensor:
+        """``(B, N)`` per-key score of attention maps ``weights`` ``(B, heads, N, N)`` over ``valid`` tokens.
+
+        Must be separable over independent maps, so that a windowed backbone (Swin) can pass each
+        window's map as a batch row and put the per-slot scores back on its grid.
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads no attention")
+
+    def observe_scores(
+        self, scores: Tensor, valid: Tensor, state: PointState, block_index: int
+    ) -> PointState:
+        """Update ``state.carried`` from one block's :meth:`attention_score` ``(B, N)`` on the tokens."""
         return state
 
     def runs_blocks(self) -> bool:
@@ -297,12 +333,12 @@ def grid_module_names(pruners: nn.ModuleDict, prefix: str = "pruners") -> list[s
 
 
 def refuse_plain_vit_only(pruner: TokenPruner, backbone: str) -> None:
-    """Raise a ValueError naming the pruner when it needs hooks only plain ViTs provide."""
+    """Raise a ValueError naming the pruner, ``backbone`` and the pruner's reason when it needs a plain
+    ViT's global attention (``plain_vit_only``)."""
     if pruner.plain_vit_only:
         raise ValueError(
-            f"{type(pruner).__name__} needs plain-ViT hooks (carried state, attention, its own block "
-            f"runner, early exits, token assembly or unmerging) that {backbone} does not provide; "
-            "use model=unetr or transunet"
+            f"{type(pruner).__name__} cannot run in {backbone}: {pruner.plain_vit_only} "
+            "Use model=unetr or transunet (docs/baselines.md lists which method runs where)."
         )
 
 

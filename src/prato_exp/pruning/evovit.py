@@ -87,7 +87,11 @@ class EvoViTPruner(TokenPruner):
     rescorable = frozenset({"q"})
 
     needs_attention = True
-    plain_vit_only = True
+    plain_vit_only = (
+        "its slow-fast update runs one representative token (the placeholders' weighted mean) through "
+        "global attention with the informative tokens, and a hierarchical model's attention (Swin's "
+        "windows, SegFormer's keys reduced from the grid) has no place for a token off the grid."
+    )
 
     def __init__(
         self,
@@ -115,11 +119,15 @@ class EvoViTPruner(TokenPruner):
     def extra_repr(self) -> str:
         return f"q={self.q}, momentum={self.momentum}, representative={self.representative}"
 
-    def observe_attention(
-        self, weights: Tensor, valid: Tensor, state: PointState, block_index: int
+    def attention_score(self, weights: Tensor, valid: Tensor) -> Tensor:
+        """The attention each key receives from the average query."""
+        return received_attention(weights, valid)
+
+    def observe_scores(
+        self, received: Tensor, valid: Tensor, state: PointState, block_index: int
     ) -> PointState:
         """Before the first point, ``g`` is the last observed block's received attention."""
-        return replace(state, carried=EvoViTState(received_attention(weights, valid)))
+        return replace(state, carried=EvoViTState(received))
 
     def runs_blocks(self) -> bool:
         return True

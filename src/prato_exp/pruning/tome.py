@@ -95,7 +95,11 @@ class ToMeMerger(TokenPruner):
     """
 
     rescorable = frozenset({"q", "mode"})
-    plain_vit_only = True
+    plain_vit_only = (
+        "a merged token stands for its sources only under global attention; Swin's windows would hold it "
+        "in its destination's window alone, and SegFormer's convolutions read the grid where its "
+        "sources' places are empty."
+    )
 
     def __init__(
         self,

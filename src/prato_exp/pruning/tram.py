@@ -21,6 +21,12 @@ Departures, and why:
 - Count: PrATo's percentile rule ``n - floor(q n / 100)`` per point (official: a ``cut`` of 75/50 %).
 - ``depth`` (the number of blocks) replaces the hard-coded 12; padding rows and columns are excluded.
 - No class token to remove.
+- Swin UNETR: the blocks' attention is windowed, so each layer of the network is block-diagonal (one
+  block per window, shifted every other block) and ``r_l`` is computed per window; the pruning point
+  follows a patch merging, where a merged token's centrality is the sum of its 2 x 2 parents' (the
+  merged node receives every edge its parents received). SegFormer is refused: its tokens at the
+  pruning point are new (a patch embedding) and its attention reads spatially reduced keys, so no
+  token-to-token attention graph exists there.
 """
 
 from __future__ import annotations
@@ -73,7 +79,6 @@ class TRAMPruner(TokenPruner):
     rescorable = frozenset({"q", "mode"})
 
     needs_attention = True
-    plain_vit_only = True
 
     def __init__(
         self,
@@ -95,11 +100,14 @@ class TRAMPruner(TokenPruner):
     def extra_repr(self) -> str:
         return f"q={self.q}, depth={self.depth}, mode={self.mode}, fill={self.fill}"
 
-    def observe_attention(
-        self, weights: Tensor, valid: Tensor, state: PointState, block_index: int
+    def attention_score(self, weights: Tensor, valid: Tensor) -> Tensor:
+        """``r_l`` of one block (per window in Swin: the attention graph is block-diagonal there)."""
+        return layer_relevance(weights.float(), valid)
+
+    def observe_scores(
+        self, relevance: Tensor, valid: Tensor, state: PointState, block_index: int
     ) -> PointState:
         """``C += (l / depth) r_l`` for block ``l`` = ``block_index``."""
-        relevance = layer_relevance(weights.float(), valid)
         carried = state.carried
         previous = carried.centrality if isinstance(carried, TRAMState) else torch.zeros_like(relevance)
         return replace(state, carried=TRAMState(previous + (block_index / self.depth) * relevance))
