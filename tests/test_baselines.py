@@ -438,7 +438,7 @@ def test_dynamicvit_training_computes_what_drop_computes_for_its_sampled_keep(ba
     sampled = soft.trace.keep_grids[0]
 
     class Replay(TokenPruner):
-        def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
+        def select(self, alive, prompt, state):
             return PruneResult(keep=sampled.clone(), scores=sampled.float())
 
     net.pruners[next(iter(net.pruners))] = Replay()

@@ -40,7 +40,8 @@ class CornerPruner(TokenPruner):
         super().__init__(mode=mode)
         self.side = side
 
-    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
+    def select(self, alive, prompt, state):
+        grid_hw, positions = alive.grid_hw, alive.positions
         rows, cols = positions // grid_hw[1], positions % grid_hw[1]
         keep = (rows < self.side) & (cols < self.side)
         return PruneResult(keep=keep, scores=keep.float())

@@ -2,7 +2,7 @@
 
 A backbone wrapper calls a pruner at each pruning point with the tokens still alive there::
 
-    result = pruner(tokens, grid_hw, box_xyxy, image_hw, positions=..., valid=..., attn=...)
+    result = pruner(tokens, grid_hw, box_xyxy, image_hw, positions=..., valid=..., state=...)
 
 and then executes ``result.keep`` according to ``pruner.mode``:
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from prato_exp.tokens.token_set import gather_slots
+from prato_exp.tokens.token_set import TokenSet, gather_slots
 
 if TYPE_CHECKING:
     from prato_exp.tokens.blocks import BlockParts
@@ -186,10 +186,19 @@ class PrunerContext:
     decoder_grids: tuple[tuple[int, tuple[int, int]], ...] = ()
 
 
+@dataclass(frozen=True)
+class BoxPrompt:
+    """The box prompt of a batch: ``box_xyxy`` ``(B, 4)`` in input pixels (``x0, y0, x1, y1``) on a network
+    input of ``image_hw`` ``(H, W)``."""
+
+    box_xyxy: Tensor
+    image_hw: tuple[int, int]
+
+
 class TokenPruner(nn.Module):
     """Base class of all pruners.
 
-    Subclasses implement :meth:`score_and_select`. ``mode`` and ``fill`` select the execution of the
+    Subclasses implement :meth:`select`. ``mode`` and ``fill`` select the execution of the
     keep mask; ``needs_attention`` asks the backbone to call :meth:`observe_attention` with the
     attention weights of each block before the point (computed on the non-fused path only then).
     """
@@ -229,10 +238,10 @@ class TokenPruner(nn.Module):
         *,
         positions: Tensor | None = None,
         valid: Tensor | None = None,
-        attn: Tensor | None = None,
         state: PointState | None = None,
     ) -> PruneResult:
-        """Score the alive tokens and select those to keep.
+        """Score the alive tokens and select those to keep (the tensors are the :class:`TokenSet` and
+        :class:`BoxPrompt` that :meth:`select` reads).
 
         Args:
             tokens: ``(B, N, C)`` tokens alive at this point.
@@ -241,9 +250,7 @@ class TokenPruner(nn.Module):
             image_hw: ``(H, W)`` of the network input.
             positions: ``(B, N)`` long, grid index of each token; ``arange(Z)`` when None.
             valid: ``(B, N)`` bool, False on padding slots; all True when None.
-            attn: ``(B, heads, N, N)`` attention weights of the previous block, only for pruners
-                with ``needs_attention``.
-            state: exemptions and what the previous point's result (and :meth:`observe_attention`)
+            state: exemptions and what the previous point's result (and the attention observer)
                 carried, aligned with ``tokens``; no carried state at the first point.
         """
         b, n, _ = tokens.shape
@@ -251,9 +258,8 @@ class TokenPruner(nn.Module):
             positions = torch.arange(n, device=tokens.device).expand(b, n)
         if valid is None:
             valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
-        result = self.score_and_select(
-            tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state=state or PointState()
-        )
+        alive = TokenSet(tokens, positions, valid, (int(grid_hw[0]), int(grid_hw[1])))
+        result = self.select(alive, BoxPrompt(box_xyxy, image_hw), state or PointState())
         result.keep = result.keep & valid
         return result
 
@@ -310,18 +316,12 @@ class TokenPruner(nn.Module):
     def on_train_batch(self, step: int) -> None:
         """Called by the LightningModule before every training batch with the global step (schedules)."""
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
-        """Return the :class:`PruneResult` for the (already defaulted) arguments of :meth:`forward`."""
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
+        """The method: which of the ``alive`` tokens to keep, given the ``prompt`` and the ``state``.
+
+        ``alive`` holds ``tokens`` ``(B, N, C)``, their grid ``positions`` ``(B, N)``, ``valid``
+        ``(B, N)`` (False on padding slots) and ``grid_hw``; the returned ``keep`` is ``(B, N)``.
+        """
         raise NotImplementedError
 
 
@@ -367,7 +367,8 @@ class NoPruner(TokenPruner):
     def active(self) -> bool:
         return False
 
-    def score_and_select(self, tokens, grid_hw, box_xyxy, image_hw, positions, valid, attn, state):
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
+        tokens, valid = alive.tokens, alive.valid
         ones = torch.ones(tokens.shape[:2], device=tokens.device)
         return PruneResult(keep=valid.clone(), scores=ones)
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from prato_exp.pruning.base import (
+    BoxPrompt,
     CarriedState,
     FillMode,
     PointState,
@@ -54,7 +55,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.tokens.token_set import write_to_grid
+from prato_exp.tokens.token_set import TokenSet, write_to_grid
 
 
 def exit_mask(probs: Tensor, valid: Tensor, p0: float, k_keep: int) -> Tensor:
@@ -144,18 +145,9 @@ class DToPPruner(TokenPruner):
         """False during the warm-up of a training run."""
         return self._train_step is None or self._train_step >= self.exit_warmup_steps
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Head logits for every alive token; easy tokens exit with their prediction."""
+        tokens, grid_hw, positions, valid = alive.tokens, alive.grid_hw, alive.positions, alive.valid
         b = tokens.shape[0]
         h, w = grid_hw
         z = h * w

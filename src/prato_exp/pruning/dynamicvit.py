@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from prato_exp.pruning.base import (
+    BoxPrompt,
     FillMode,
     PointState,
     PruneMode,
@@ -55,6 +55,7 @@ from prato_exp.pruning.base import (
 )
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
+from prato_exp.tokens.token_set import TokenSet
 
 
 class DynamicViTPruner(TokenPruner):
@@ -109,18 +110,9 @@ class DynamicViTPruner(TokenPruner):
         """``rho_p``: the cumulative fraction of the grid kept after this point."""
         return (1.0 - self.q / 100.0) ** (self.point_index + 1)
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
+        tokens, valid = alive.tokens, alive.valid
         prev = state.soft_keep if state.soft_keep is not None else valid.to(tokens.dtype)
         log_probs = self.predictor(tokens, prev).log_softmax(dim=-1)
         scores = log_probs[..., 0].exp()

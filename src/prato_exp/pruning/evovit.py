@@ -37,6 +37,7 @@ from torch import Tensor
 
 from prato_exp.pruning.base import (
     SLOT_ALIGNED,
+    BoxPrompt,
     CarriedState,
     FillMode,
     PointState,
@@ -48,7 +49,7 @@ from prato_exp.pruning.base import (
 from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
 from prato_exp.tokens.attention_mask import KeyMask
 from prato_exp.tokens.blocks import BlockParts
-from prato_exp.tokens.token_set import gather_slots, kept_order, scatter_slots, write_to_grid
+from prato_exp.tokens.token_set import TokenSet, gather_slots, kept_order, scatter_slots, write_to_grid
 
 
 def received_attention(weights: Tensor, valid: Tensor) -> Tensor:
@@ -132,18 +133,9 @@ class EvoViTPruner(TokenPruner):
     def runs_blocks(self) -> bool:
         return True
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """The informative tokens: the top PrATo-count of the global attention ``g``."""
+        tokens, grid_hw, valid = alive.tokens, alive.grid_hw, alive.valid
         if tokens.shape[1] != grid_hw[0] * grid_hw[1]:
             raise ValueError("evovit expects the full token grid at every point (it never drops tokens)")
         assert isinstance(state.carried, EvoViTState), (

@@ -49,8 +49,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    BoxPrompt,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import fixed_keep, percentile_keep
+from prato_exp.tokens.token_set import TokenSet
 
 ThresholdMode = Literal["percentile", "fixed"]
 QueryMode = Literal["roialign", "naive"]
@@ -379,33 +388,22 @@ class PrATo(TokenPruner):
             f"min_keep={self.min_keep}"
         )
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState | None = None,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Score the alive tokens against the box prompt and select those to keep.
 
         Args:
-            tokens: ``(B, N, C)`` alive tokens.
-            grid_hw: ``(h, w)`` of the full grid.
-            box_xyxy: ``(B, 4)`` box in input pixels.
-            image_hw: ``(H, W)`` of the network input.
-            positions: ``(B, N)`` long grid index of each token.
-            valid: ``(B, N)`` bool, False on padding slots.
-            attn, state: unused.
+            alive: the alive tokens ``(B, N, C)``, their grid positions ``(B, N)``, valid slots ``(B, N)``
+                and the full grid's ``(h, w)``.
+            prompt: the box ``(B, 4)`` in input pixels and the network input's ``(H, W)``.
+            state: unused (PrATo carries nothing between points).
 
         Returns:
             :class:`PruneResult` with ``keep (B, N)``, ``scores (B, N)``, ``token_scale (B, N)`` or
             None, and extras ``entropy (B, M)``, ``weights (B, M)``, ``relevance (B, N)`` and
             ``query_mask (B, M)``.
         """
+        tokens, grid_hw, positions, valid = alive.tokens, alive.grid_hw, alive.positions, alive.valid
+        box_xyxy, image_hw = prompt.box_xyxy, prompt.image_hw
         if self.query == "roialign":
             grid = tokens_to_grid(tokens, positions, valid, grid_hw)
             queries = roialign_queries(grid, box_xyxy, image_hw, self.k)

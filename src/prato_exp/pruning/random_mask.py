@@ -13,10 +13,18 @@ sees the same masks for the same data order.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    BoxPrompt,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.tokens.token_set import TokenSet
 
 
 class RandomPruner(TokenPruner):
@@ -61,18 +69,9 @@ class RandomPruner(TokenPruner):
         """Restart the random stream at ``seed``."""
         self.generator.manual_seed(self.seed)
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Draw ``u ~ U(0, 1)`` per token (on the CPU) and keep the top count of ``u``."""
+        valid = alive.valid
         generator = None if self.training else self.generator
         scores = torch.rand(valid.shape, generator=generator).to(valid.device)
         scores = scores.masked_fill(~valid, 0.0)

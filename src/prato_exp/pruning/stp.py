@@ -47,10 +47,18 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from prato_exp.pruning.base import FillMode, PointState, PruneMode, PrunerContext, PruneResult, TokenPruner
+from prato_exp.pruning.base import (
+    BoxPrompt,
+    FillMode,
+    PointState,
+    PruneMode,
+    PrunerContext,
+    PruneResult,
+    TokenPruner,
+)
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
 from prato_exp.pruning.predictors import LocalGlobalScorer
-from prato_exp.tokens.token_set import write_to_grid
+from prato_exp.tokens.token_set import TokenSet, write_to_grid
 
 
 def sincos_2d(grid_hw: tuple[int, int], dim: int) -> Tensor:
@@ -164,18 +172,9 @@ class STPPruner(TokenPruner):
     def extra_repr(self) -> str:
         return f"q={self.q}, gumbel_tau={self.gumbel_tau}, perturbation={self.perturbation}"
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Soft top-K with a straight-through scale in training, hard top-K of ``s`` at inference."""
+        tokens, grid_hw, positions, valid = alive.tokens, alive.grid_hw, alive.positions, alive.valid
         log_scores = F.logsigmoid(self.predictor(tokens, valid.to(tokens.dtype))[..., 0]).float()
         if not self.training:
             keep = percentile_keep(log_scores, valid, self.q, self.min_keep)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from prato_exp.pruning.base import (
     SLOT_ALIGNED,
+    BoxPrompt,
     CarriedState,
     FillMode,
     PointState,
@@ -33,6 +34,7 @@ from prato_exp.pruning.base import (
     TokenPruner,
 )
 from prato_exp.pruning.budget import check_percentile_budget, descending_rank, percentile_keep_count
+from prato_exp.tokens.token_set import TokenSet
 
 
 @dataclass
@@ -126,18 +128,9 @@ class ToMeMerger(TokenPruner):
     def extra_repr(self) -> str:
         return f"q={self.q}, mode={self.mode}"
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Match A to B, merge the most similar A tokens; ``scores`` = 1 - similarity to the partner."""
+        tokens, valid = alive.tokens, alive.valid
         carried = state.carried
         size = carried.size if isinstance(carried, ToMeState) else valid.long()
         side_a, side_b = bipartite_sides(valid)

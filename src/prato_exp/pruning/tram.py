@@ -38,6 +38,7 @@ from torch import Tensor
 
 from prato_exp.pruning.base import (
     SLOT_ALIGNED,
+    BoxPrompt,
     CarriedState,
     FillMode,
     PointState,
@@ -47,6 +48,7 @@ from prato_exp.pruning.base import (
     TokenPruner,
 )
 from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.tokens.token_set import TokenSet
 
 
 def layer_relevance(weights: Tensor, valid: Tensor) -> Tensor:
@@ -112,18 +114,9 @@ class TRAMPruner(TokenPruner):
         previous = carried.centrality if isinstance(carried, TRAMState) else torch.zeros_like(relevance)
         return replace(state, carried=TRAMState(previous + (block_index / self.depth) * relevance))
 
-    def score_and_select(
-        self,
-        tokens: Tensor,
-        grid_hw: tuple[int, int],
-        box_xyxy: Tensor,
-        image_hw: tuple[int, int],
-        positions: Tensor,
-        valid: Tensor,
-        attn: Tensor | None,
-        state: PointState,
-    ) -> PruneResult:
+    def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Keep PrATo's count of the most central tokens; carry their centrality."""
+        valid = alive.valid
         assert isinstance(state.carried, TRAMState), "TRAM observes the attention of the blocks before it"
         centrality = state.carried.centrality.masked_fill(~valid, 0.0)
         keep = percentile_keep(centrality, valid, self.q, self.min_keep)
