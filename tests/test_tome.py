@@ -6,10 +6,12 @@ import torch
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.plain_vit import EncoderOutput, run_pruned_blocks
 from prato_exp.models.segformer import PrunableSegFormer
+from prato_exp.models.swin_unetr import PrunableSwinUNETR
 from prato_exp.models.transunet import PrunableTransUNet
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PointState, pruning_disabled
 from prato_exp.pruning.tome import ToMeMerger, ToMeState, bipartite_sides, merge_tokens
+from prato_exp.tokens.token_set import child_merged_into, follow_merges
 
 SIZE = 64  # 4 x 4 = 16 tokens
 
@@ -167,6 +169,56 @@ def test_bad_settings_are_refused_by_name(kwargs, match):
         ToMeMerger(dim=8, **kwargs)
 
 
-def test_hierarchical_backbones_refuse_it_by_name():
-    with pytest.raises(ValueError, match="ToMeMerger"):
-        PrunableSegFormer(in_channels=1, out_channels=3, img_size=64, pruner=_merger())
+def _hierarchical(backbone: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if backbone == "swin":
+        return PrunableSwinUNETR(1, 3, img_size=SIZE, feature_size=12, pruner=_merger(**kwargs)).eval()
+    return PrunableSegFormer(
+        1,
+        3,
+        img_size=SIZE,
+        hidden_sizes=(8, 16, 24, 32),
+        depths=(1, 1, 1, 1),
+        num_attention_heads=(1, 1, 1, 1),
+        decoder_hidden_size=16,
+        pruner=_merger(**kwargs),
+    ).eval()
+
+
+@pytest.mark.parametrize("backbone", ["swin", "segformer"])
+def test_hierarchical_backbones_merge_the_promised_count(backbone):
+    net = _hierarchical(backbone, q=25)
+    out = net(torch.rand(2, 1, SIZE, SIZE), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2))
+    z = out.trace.grid_hw[0] * out.trace.grid_hw[1]
+    assert out.trace.keep_grids[0].sum(dim=1).tolist() == [z - z // 4] * 2
+    assert (out.trace.merges[0] >= 0).sum(dim=1).tolist() == [z // 4] * 2
+
+
+def test_segformer_decoder_reads_merged_away_places_with_their_destinations_value():
+    net = _hierarchical("segformer", q=50)
+    maps = []
+    net.segformer.decode_head.register_forward_pre_hook(lambda _m, args: maps.append(args[0]))
+    out = net(torch.rand(2, 1, SIZE, SIZE), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2))
+    into = out.trace.merges[0]  # (B, Z) on the pruning stage's grid (stage 2)
+    stage = maps[0][net.prune_at_stage - 1].flatten(2)  # (B, C, Z)
+    source = into >= 0
+    destination = torch.gather(stage, 2, into.clamp(min=0)[:, None, :].expand_as(stage))
+    torch.testing.assert_close(stage.transpose(1, 2)[source], destination.transpose(1, 2)[source])
+    assert source.any()
+
+
+def test_follow_merges_sends_an_earlier_merge_on_to_the_later_destination():
+    earlier = torch.tensor([[-1, 0, -1, -1]])  # place 1 went into 0
+    now = torch.tensor([[3, -1, -1, -1]])  # then place 0 went into 3
+    assert follow_merges(earlier, now).tolist() == [[3, 3, -1, -1]]
+
+
+def test_child_merged_into_maps_a_childless_footprint_to_its_destinations_child():
+    # 4 x 4 grid, 2 x 2 children. Places 0, 1, 4, 5 (child 0) all merged into place 15 (child 3).
+    into = torch.full((1, 16), -1)
+    into[0, [0, 1, 4, 5]] = 15
+    keep = torch.ones(1, 16, dtype=torch.bool)
+    keep[0, [0, 1, 4, 5]] = False
+    child, hw = child_merged_into(into, keep, (4, 4))
+    assert hw == (2, 2)
+    assert child.tolist() == [[3, -1, -1, -1]]

@@ -161,10 +161,10 @@ def run_pruned_blocks(
             )
             runner = pruner if pruner.runs_blocks() else None
         if index in skip_blocks:
-            skips[index] = trace.unmerged(alive.to_grid(carry))
+            skips[index] = alive.to_grid(carry)
 
     normed = alive.with_tokens(norm(alive.tokens))
-    final = trace.unmerged(normed.to_grid(norm(carry) if carry is not None else None))
+    final = normed.to_grid(norm(carry) if carry is not None else None)
     trace.block_keep_fraction = torch.stack(keep_fraction, dim=1)
     if active and carry is not None:
         first_point = min(active)

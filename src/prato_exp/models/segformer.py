@@ -45,6 +45,7 @@ forward runs inside each block's own module call and ``FlopCounterMode`` attribu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -72,7 +73,7 @@ from prato_exp.pruning.base import (
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy, reduced_key_keep, reduced_key_policy
-from prato_exp.tokens.token_set import TokenSet, child_keep, child_weight
+from prato_exp.tokens.token_set import TokenSet, child_keep, child_merged_into, child_weight
 
 AttnImplementation = Literal["eager", "sdpa"]
 
@@ -317,6 +318,7 @@ class PrunableSegFormer(nn.Module):
         hidden = image
         keep: Tensor | None = None  # (B, Z) grid keep of the current stage once pruning runs on kept tokens
         weight: Tensor | None = None  # (B, Z) its differentiable keep (PruneResult.soft_keep), if any
+        merged_into: Tensor | None = None  # (B, Z) its merge map (ToMe), if any
         grid_hw = (0, 0)
         for index, stage in enumerate(self.stages, start=1):
             tokens, h, w = stage.patch_embeddings(hidden)  # (B, Z, C)
@@ -331,9 +333,10 @@ class PrunableSegFormer(nn.Module):
                 if pruner.mode == "zero_once":
                     tokens = pruned.tokens
                 else:
-                    alive, keep, weight = pruned, point_keep, pruned.weight
+                    alive, keep, weight, merged_into = pruned, point_keep, pruned.weight, pruned.merged_into
             elif keep is not None:
                 stride = self.strides[index - 1]
+                parent_keep = keep
                 keep = next_stage_keep(keep, grid_hw, (h, w), stride)
                 alive = TokenSet.full(tokens, (h, w))
                 if weight is not None:
@@ -341,6 +344,9 @@ class PrunableSegFormer(nn.Module):
                     alive = alive.weighted(weight)
                 else:
                     alive = alive.select(keep, pruner.mode)
+                if merged_into is not None:
+                    merged_into, _ = child_merged_into(merged_into, parent_keep, grid_hw, stride)
+                    alive = replace(alive, merged_into=merged_into)
             grid_hw = (h, w)
 
             if alive is None:

@@ -70,7 +70,7 @@ from prato_exp.pruning.base import (
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy
-from prato_exp.tokens.token_set import TokenSet, child_keep, child_weight
+from prato_exp.tokens.token_set import TokenSet, child_keep, child_merged_into, child_weight
 from prato_exp.tokens.windows import (
     WindowBatch,
     gather_windows,
@@ -469,6 +469,9 @@ class PrunableSwinUNETR(nn.Module):
             merged = reduce(merged.weighted(child_weight(alive.weight, alive.grid_hw)))
         else:
             merged = reduce(merged.select(keep, mode))
+        if alive.merged_into is not None:
+            into, _ = child_merged_into(alive.merged_into, alive.keep_grid(), alive.grid_hw)
+            merged = replace(merged, merged_into=into)
         carry = None
         if state.carry is not None:
             pruned = TokenSet.full(merge(alive.to_grid(state.carry)), merged_hw).select(~keep, "drop")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from prato_exp.pruning.base import PointState, PruneResult, TokenPruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.token_set import TokenSet, kept_order, write_to_grid
+from prato_exp.tokens.token_set import TokenSet, follow_merges, kept_order, write_to_grid
 
 
 def exempt_and_scale(
@@ -89,7 +89,8 @@ def apply_pruner(
     keep = result.keep
     new_state = PointState(exempt=state.exempt, carried=result.carried)
     trace.results.append(result)
-    trace.merges.append(merge_places(result, alive))
+    places = merge_places(result, alive)
+    trace.merges.append(places)
 
     if result.soft_keep is not None:  # every token runs, weighted by the keep policy (value: keep)
         gradient = result.soft_keep - result.soft_keep.detach()
@@ -112,6 +113,8 @@ def apply_pruner(
             new_state,
         )
     kept = scaled.select(keep, pruner.mode)
+    if places is not None:  # later reads of the grid show merged-away places with their destination
+        kept = replace(kept, merged_into=follow_merges(alive.merged_into, places))
     if pruner.mode == "drop":
         if new_state.carried is not None:
             order, valid = kept_order(keep & alive.valid)

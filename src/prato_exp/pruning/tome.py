@@ -8,10 +8,20 @@ with the most similar partners are merged into them: the destination becomes the
 itself and what was merged into it, where a token's size counts the patches it already holds (carried
 from point to point in :class:`ToMeState`). The merged-away tokens leave the set like pruned ones, so the
 later blocks run on fewer tokens; before the decoder every merged-away place takes its destination's
-final value (unmerging, :meth:`~prato_exp.pruning.trace.PruningTrace.unmerged`), so the decoder sees a
-complete grid. ToMe's proportional attention (``log size`` added to the attention logits) is not applied.
+value (unmerging: the executor records the merge in the token set, whose every grid read,
+:meth:`~prato_exp.tokens.token_set.TokenSet.to_grid`, shows a merged-away place with its destination's
+value), so the decoder sees a complete grid. ToMe's proportional attention (``log size`` added to the
+attention logits) is not applied.
 
 One bipartite round merges at most the A half, so ``q`` is at most 50. The box prompt is not read.
+
+Hierarchical backbones (one merging point at a stage): every grid read after it is unmerged, so Swin's
+patch merging, SegFormer's key-reduction and depth-wise convolutions and next patch embedding, and both
+decoders see merged-away places with their destination's value; at the next stage a place with no kept
+parent takes the place its first merged parent's destination became. Departure in Swin UNETR: a merged
+token attends inside its destination's window only, so the windows its sources came from no longer
+see them (ToMe's equivalence of a merged token with its sources assumes global attention). SegFormer's
+keys at ``sr > 1`` are reduced from the unmerged grid, so there the sources are seen as keys in full.
 """
 
 from __future__ import annotations
@@ -97,11 +107,6 @@ class ToMeMerger(TokenPruner):
     """
 
     rescorable = frozenset({"q", "mode"})
-    plain_vit_only = (
-        "a merged token stands for its sources only under global attention; Swin's windows would hold it "
-        "in its destination's window alone, and SegFormer's convolutions read the grid where its "
-        "sources' places are empty."
-    )
 
     def __init__(
         self,

@@ -59,20 +59,6 @@ class PruningTrace:
             alive = alive & keep
         return exit_point
 
-    def unmerged(self, grid: Tensor) -> Tensor:
-        """``grid`` ``(B, Z, C)`` with every place merged away so far holding its destination's value.
-
-        The points are undone last to first, so a destination that was itself merged later already
-        holds the value of the place it went into. The identity when nothing was merged.
-        """
-        for into in reversed(self.merges):
-            if into is None:
-                continue
-            source = into >= 0
-            taken = torch.gather(grid, 1, into.clamp(min=0)[..., None].expand_as(grid))
-            grid = torch.where(source[..., None], taken, grid)
-        return grid
-
     def final_logits(self, logits: Tensor) -> Tensor:
         """The prediction after the pruners' own final predictions are written into the decoder's
         ``logits`` ``(B, K, H, W)``; the identity unless a pruning point made early exits.

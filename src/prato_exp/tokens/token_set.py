@@ -13,6 +13,12 @@ layouts:
   :meth:`TokenSet.to_grid`) and every key (:class:`~prato_exp.tokens.attention_mask.KeyPolicy`). What a
   differentiable keep (DynamicViT's training) runs on: ``drop`` in value, with gradients to the policy.
 
+A set may also record token merging (``merged_into`` ``(B, Z)`` long: for each grid place merged away,
+the alive place it was merged into, -1 elsewhere). Every read of such a set's grid
+(:meth:`TokenSet.to_grid`) shows a merged-away place with its destination's value (unmerging), so
+convolutions, patch merging and the decoder see a complete grid; :func:`follow_merges` composes the
+merges of successive points and :func:`child_merged_into` carries them to the next stage.
+
 :meth:`TokenSet.select` executes a keep mask in either mode, :meth:`TokenSet.to_grid` puts the set back
 on the grid with a fill rule, :func:`child_keep` carries a keep mask to the next stage of a hierarchical
 model (a child is kept if any parent in its ``stride x stride`` footprint is). The free functions below
@@ -41,6 +47,7 @@ class TokenSet:
     grid_hw: tuple[int, int]
     on_grid: bool = False
     weight: Tensor | None = None
+    merged_into: Tensor | None = None
 
     @classmethod
     def full(cls, tokens: Tensor, grid_hw: tuple[int, int]) -> TokenSet:
@@ -105,6 +112,7 @@ class TokenSet:
                 gather_slots(self.positions, order, valid),
                 valid,
                 self.grid_hw,
+                merged_into=self.merged_into,
             )
         if mode == "mask":
             if self.on_grid:
@@ -113,15 +121,22 @@ class TokenSet:
                 grid = self._as_grid_layout()
                 alive = write_to_grid(torch.zeros_like(grid.valid), keep, self.positions, self.valid)
             tokens = grid.tokens * alive[..., None].to(grid.tokens.dtype)
-            return TokenSet(tokens, grid.positions, alive, self.grid_hw, on_grid=True)
+            return TokenSet(
+                tokens, grid.positions, alive, self.grid_hw, on_grid=True, merged_into=self.merged_into
+            )
         raise ValueError(f"unknown select mode {mode!r}")
 
     def _as_grid_layout(self) -> TokenSet:
-        return replace(TokenSet.full(self.to_grid(), self.grid_hw), valid=self.keep_grid())
+        return replace(TokenSet.full(self._scattered(), self.grid_hw), valid=self.keep_grid())
 
     def to_grid(self, fill: Tensor | None = None) -> Tensor:
-        """``(B, Z, C)``: the alive tokens at their places, every other place ``fill`` ``(B, Z, C)``
-        (zeros when None). Padding slots are never written."""
+        """``(B, Z, C)``: the alive tokens at their places, every place merged away its destination's
+        value, every other place ``fill`` ``(B, Z, C)`` (zeros when None). Padding slots are never
+        written."""
+        grid = self._scattered(fill)
+        return grid if self.merged_into is None else unmerge(grid, self.merged_into)
+
+    def _scattered(self, fill: Tensor | None = None) -> Tensor:
         if self.on_grid:
             grid = self.rezero()
             return grid if fill is None else torch.where(self.valid[..., None], grid, fill)
@@ -155,6 +170,54 @@ def child_keep(keep: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> tuple
     b = keep.shape[0]
     pooled = F.max_pool2d(keep.view(b, 1, *grid_hw).float(), stride, stride, ceil_mode=True)
     return pooled.flatten(1) > 0, (int(pooled.shape[-2]), int(pooled.shape[-1]))
+
+
+def unmerge(grid: Tensor, merged_into: Tensor) -> Tensor:
+    """``grid`` ``(B, Z, C)`` with every place of ``merged_into`` ``(B, Z)`` (>= 0: merged into that place)
+    holding its destination's value."""
+    source = merged_into >= 0
+    taken = torch.gather(grid, 1, merged_into.clamp(min=0)[..., None].expand_as(grid))
+    return torch.where(source[..., None], taken, grid)
+
+
+def follow_merges(earlier: Tensor | None, now: Tensor | None) -> Tensor | None:
+    """The merge map ``(B, Z)`` after a point that merged ``now`` on top of ``earlier`` (each -1 where a
+    place was not merged): a place merged earlier into a destination that is merged now goes to the new
+    destination. None when neither merged."""
+    if now is None or earlier is None:
+        return earlier if now is None else now
+    moved = torch.gather(now, 1, earlier.clamp(min=0))
+    earlier = torch.where((earlier >= 0) & (moved >= 0), moved, earlier)
+    return torch.where(now >= 0, now, earlier)
+
+
+def child_merged_into(
+    merged_into: Tensor, keep: Tensor, grid_hw: tuple[int, int], stride: int = 2
+) -> tuple[Tensor, tuple[int, int]]:
+    """The merge map of the next stage (the parent rule of :func:`child_keep`): a child with no kept
+    parent but a merged one takes the child of its first merged parent's destination (row-major
+    footprint order), -1 otherwise.
+
+    Args:
+        merged_into: ``(B, h * w)`` long merge map of this stage.
+        keep: ``(B, h * w)`` bool, places alive at this stage.
+        grid_hw: ``(h, w)``; odd sides padded at the bottom/right.
+        stride: the footprint side.
+
+    Returns:
+        ``(B, h' * w')`` long and ``(h', w')``.
+    """
+    b = merged_into.shape[0]
+    h, w = grid_hw
+    child_keep_grid, (hc, wc) = child_keep(keep, grid_hw, stride)
+    rows = merged_into.clamp(min=0) // w
+    cols = merged_into.clamp(min=0) % w
+    child_of_destination = torch.where(merged_into >= 0, (rows // stride) * wc + cols // stride, -1)
+    padded = F.pad(child_of_destination.view(b, h, w), (0, wc * stride - w, 0, hc * stride - h), value=-1)
+    footprints = padded.view(b, hc, stride, wc, stride).permute(0, 1, 3, 2, 4).reshape(b, hc * wc, -1)
+    has = footprints >= 0
+    first = torch.gather(footprints, 2, has.to(torch.int8).argmax(dim=2, keepdim=True)).squeeze(2)
+    return torch.where(child_keep_grid | ~has.any(dim=2), -1, first), (hc, wc)
 
 
 def child_weight(weight: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> Tensor:
