@@ -110,9 +110,9 @@ def test_dtop_in_unetr_keeps_only_the_per_class_top_k_and_writes_head_logits():
     out = net(image, box)
     assert out.trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
     result = out.trace.results[0]
-    assert result.exit_grid.sum(dim=1).tolist() == [11, 11]
-    exited = result.exit_grid.view(2, 1, 4, 4).repeat_interleave(16, -2).repeat_interleave(16, -1)
-    early = result.early_logits.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    assert result.early_exit.exit_grid.sum(dim=1).tolist() == [11, 11]
+    exited = result.early_exit.exit_grid.view(2, 1, 4, 4).repeat_interleave(16, -2).repeat_interleave(16, -1)
+    early = result.early_exit.logits.repeat_interleave(16, -2).repeat_interleave(16, -1)
     assert torch.equal(out.logits.masked_select(exited), early.masked_select(exited))
 
 
@@ -150,8 +150,8 @@ def test_training_gradients_reach_every_learnable_part(name):
     out = net(image, box)
     loss = out.logits.square().mean() + sum(out.trace.aux_losses().values())
     for result in out.trace.results:
-        if result.early_logits is not None:
-            loss = loss + result.early_logits.square().mean()
+        if result.early_exit is not None:
+            loss = loss + result.early_exit.logits.square().mean()
     loss.backward()
     missing = [n for n, p in net.pruners.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
@@ -398,8 +398,9 @@ def test_dtop_in_hierarchical_backbones_exits_at_its_stage_and_writes_head_logit
     assert out.trace.keep_grids[0].sum(dim=1).tolist() == [5, 5]
     result = out.trace.results[0]
     patch = SIZE // h
-    exited = result.exit_grid.view(2, 1, h, w).repeat_interleave(patch, -2).repeat_interleave(patch, -1)
-    early = result.early_logits.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+    exited = result.early_exit.exit_grid.view(2, 1, h, w)
+    exited = exited.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
+    early = result.early_exit.logits.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
     assert torch.equal(out.logits.masked_select(exited), early.masked_select(exited))
     assert not torch.equal(out.logits.masked_select(~exited), early.masked_select(~exited))
 

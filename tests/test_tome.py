@@ -62,10 +62,10 @@ def test_the_most_similar_pair_is_merged_into_a_size_weighted_mean():
         tokens, (2, 2), torch.zeros(1, 4), (32, 32), state=PointState(carried=ToMeState(size=size))
     )
     assert result.keep.tolist() == [[True, True, False, True]]
-    assert result.merge_target.tolist() == [[0, 1, 3, 3]]
+    assert result.merge.target.tolist() == [[0, 1, 3, 3]]
     expected = (3 * torch.tensor([1.0, 1.0]) + 1 * torch.tensor([2.0, 2.1])) / 4
-    torch.testing.assert_close(result.merged_tokens[0, 3], expected)
-    torch.testing.assert_close(result.merged_tokens[0, :2], tokens[0, :2])
+    torch.testing.assert_close(result.merge.tokens[0, 3], expected)
+    torch.testing.assert_close(result.merge.tokens[0, :2], tokens[0, :2])
     assert result.carried.size[0, [0, 1, 3]].tolist() == [1, 1, 4]
 
 

@@ -24,10 +24,9 @@ Optional hooks, all off by default, let a method do more than select tokens:
   :meth:`TokenPruner.run_block` (Evo-ViT's slow-fast update);
 - ``PruneResult.soft_keep``: a differentiable keep; every backbone runs all tokens with policy-weighted
   keys (DynamicViT's training);
-- ``PruneResult.early_logits`` / ``exit_grid``: final predictions made at the point (DToP);
+- ``PruneResult.early_exit``: final predictions made at the point (DToP);
 - :meth:`TokenPruner.assemble`: rebuild the full token grid for the decoder (STP's token assembly);
-- ``PruneResult.merged_tokens`` / ``merge_target``: tokens merged instead of dropped, unmerged before the
-  decoder (ToMe).
+- ``PruneResult.merge``: tokens merged instead of dropped, unmerged before the decoder (ToMe).
 """
 
 from __future__ import annotations
@@ -114,6 +113,38 @@ class PointState:
 
 
 @dataclass
+class EarlyExit:
+    """Predictions made at a pruning point and final where ``exit_grid`` holds (DToP).
+
+    Attributes:
+        logits: ``(B, K, h, w)`` per-token class logits on the token grid; the backbone writes them into
+            its output (:meth:`~prato_exp.pruning.trace.PruningTrace.final_logits`) and the LightningModule
+            supervises them with the task loss times ``loss_weight``.
+        exit_grid: ``(B, Z)`` bool, grid places whose prediction became final at this point.
+        loss_weight: weight of their task loss.
+    """
+
+    logits: Tensor
+    exit_grid: Tensor
+    loss_weight: float = 1.0
+
+
+@dataclass
+class TokenMerge:
+    """Tokens merged instead of dropped at a pruning point (ToMe).
+
+    Attributes:
+        tokens: ``(B, N, C)`` the tokens after merging (every destination the size-weighted mean of
+            itself and what was merged into it), executed in place of the tokens before ``keep`` applies.
+        target: ``(B, N)`` long, the slot each token was merged into (its own slot when it was not). A
+            merged-away place reads as its destination wherever the grid is read later.
+    """
+
+    tokens: Tensor
+    target: Tensor
+
+
+@dataclass
 class PruneResult:
     """What a pruner returns at one pruning point.
 
@@ -127,15 +158,8 @@ class PruneResult:
         extras: pruner-specific tensors for plots and diagnostics (e.g. PrATo's entropy, weights).
         carried: the method's state for the next pruning point (and :meth:`TokenPruner.run_block`), or
             None; the backbone gathers its slot fields with the kept tokens.
-        early_logits: ``(B, K, h, w)`` per-token class logits already final where ``exit_grid`` holds
-            (DToP); the backbone writes them into its output and the LightningModule supervises them
-            with the task loss times ``early_loss_weight``.
-        exit_grid: ``(B, Z)`` bool, grid places whose prediction became final at this point.
-        merged_tokens: ``(B, N, C)`` or None; the tokens after merging (ToMe: every destination is the
-            size-weighted mean of itself and the tokens merged into it), executed in place of the
-            tokens before ``keep`` is applied.
-        merge_target: ``(B, N)`` long or None; the slot each token was merged into (its own slot when
-            it was not). A merged-away place takes its destination's final value before the decoder.
+        early_exit: final predictions made at this point (DToP), or None.
+        merge: tokens merged instead of dropped (ToMe), or None.
         soft_keep: ``(B, N)`` float or None; a keep policy equal to ``keep`` in value that carries the
             selector's gradient (DynamicViT's Gumbel sample in training). When set, nothing is removed:
             the later blocks run on every token, each key weighted by the policy
@@ -149,11 +173,8 @@ class PruneResult:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
     carried: CarriedState | None = None
-    early_logits: Tensor | None = None
-    exit_grid: Tensor | None = None
-    early_loss_weight: float = 1.0
-    merged_tokens: Tensor | None = None
-    merge_target: Tensor | None = None
+    early_exit: EarlyExit | None = None
+    merge: TokenMerge | None = None
     soft_keep: Tensor | None = None
 
     def __getattr__(self, name: str) -> Tensor:

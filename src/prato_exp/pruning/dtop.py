@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from prato_exp.pruning.base import (
     BoxPrompt,
     CarriedState,
+    EarlyExit,
     FillMode,
     PointState,
     PruneMode,
@@ -166,7 +167,9 @@ class DToPPruner(TokenPruner):
             keep=valid & ~exits,
             scores=confidence,
             carried=DToPState(canvas),
-            early_logits=canvas.transpose(1, 2).reshape(b, self.num_classes, h, w),
-            exit_grid=exit_grid,
-            early_loss_weight=self.head_loss_weight,
+            early_exit=EarlyExit(
+                logits=canvas.transpose(1, 2).reshape(b, self.num_classes, h, w),
+                exit_grid=exit_grid,
+                loss_weight=self.head_loss_weight,
+            ),
         )

@@ -26,34 +26,35 @@ def exempt_and_scale(
 
     Images with ``prune_enabled`` False get ``result.keep = full_keep`` (``(B, N)`` bool), a scale of 1
     and no merge (``result`` is updated in place); returns ``tokens`` ``(B, N, C)`` (or the pruner's
-    ``merged_tokens``) times the (STE) scale.
+    ``merge.tokens``) times the (STE) scale.
     """
     scale = result.token_scale
     if prune_enabled is not None:
         exempt = ~prune_enabled.to(device=result.keep.device, dtype=torch.bool)[:, None]
         result.keep = torch.where(exempt, full_keep, result.keep)
-        if result.exit_grid is not None:
-            result.exit_grid = result.exit_grid & ~exempt
+        if result.early_exit is not None:
+            result.early_exit.exit_grid = result.early_exit.exit_grid & ~exempt
         if scale is not None:
             scale = torch.where(exempt, torch.ones_like(scale), scale)
             result.token_scale = scale
-        if result.merged_tokens is not None and result.merge_target is not None:
-            own = torch.arange(tokens.shape[1], device=tokens.device).expand_as(result.merge_target)
-            result.merged_tokens = torch.where(exempt[..., None], tokens, result.merged_tokens)
-            result.merge_target = torch.where(exempt, own, result.merge_target)
-    if result.merged_tokens is not None:
-        tokens = result.merged_tokens
+        if result.merge is not None:
+            own = torch.arange(tokens.shape[1], device=tokens.device).expand_as(result.merge.target)
+            result.merge.tokens = torch.where(exempt[..., None], tokens, result.merge.tokens)
+            result.merge.target = torch.where(exempt, own, result.merge.target)
+    if result.merge is not None:
+        tokens = result.merge.tokens
     return tokens if scale is None else tokens * scale[..., None].to(tokens.dtype)
 
 
 def merge_places(result: PruneResult, alive: TokenSet) -> Tensor | None:
     """``(B, Z)`` long: for each grid place merged away at this point the place it was merged into,
     -1 elsewhere; None when the point merged nothing."""
-    if result.merge_target is None:
+    if result.merge is None:
         return None
-    own = torch.arange(result.merge_target.shape[1], device=result.merge_target.device)
-    merged = alive.valid & ~result.keep & (result.merge_target != own)
-    into = torch.gather(alive.positions, 1, result.merge_target)
+    target = result.merge.target
+    own = torch.arange(target.shape[1], device=target.device)
+    merged = alive.valid & ~result.keep & (target != own)
+    into = torch.gather(alive.positions, 1, target)
     unmerged = torch.full((into.shape[0], alive.num_grid), -1, dtype=torch.long, device=into.device)
     return write_to_grid(unmerged, into, alive.positions, merged)
 

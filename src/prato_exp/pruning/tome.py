@@ -41,6 +41,7 @@ from prato_exp.pruning.base import (
     PruneMode,
     PrunerContext,
     PruneResult,
+    TokenMerge,
     TokenPruner,
 )
 from prato_exp.pruning.budget import check_percentile_budget, descending_rank, percentile_keep_count
@@ -149,6 +150,5 @@ class ToMeMerger(TokenPruner):
             keep=valid & ~merged,
             scores=scores,
             carried=ToMeState(size=new_size),
-            merged_tokens=merged_tokens,
-            merge_target=target,
+            merge=TokenMerge(merged_tokens, target),
         )

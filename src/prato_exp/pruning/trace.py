@@ -63,16 +63,16 @@ class PruningTrace:
         """The prediction after the pruners' own final predictions are written into the decoder's
         ``logits`` ``(B, K, H, W)``; the identity unless a pruning point made early exits.
 
-        Places in any result's ``exit_grid`` take the last result's ``early_logits`` (a canvas holding,
-        per place, the head logits of the point where it exited; DToP), nearest-upsampled to their
-        patches; everywhere else the decoder's logits stay.
+        Places in any result's ``early_exit.exit_grid`` take the last early exit's ``logits`` (a canvas
+        holding, per place, the head logits of the point where it exited; DToP), nearest-upsampled to
+        their patches; everywhere else the decoder's logits stay.
         """
-        exits = [r.exit_grid for r in self.results if r.exit_grid is not None]
-        canvas = next((r.early_logits for r in reversed(self.results) if r.early_logits is not None), None)
-        if not exits or canvas is None:
+        made = [r.early_exit for r in self.results if r.early_exit is not None]
+        if not made:
             return logits
         h, w = self.grid_hw
-        exited = torch.stack(exits).any(dim=0).view(-1, 1, h, w)
+        canvas = made[-1].logits
+        exited = torch.stack([e.exit_grid for e in made]).any(dim=0).view(-1, 1, h, w)
         size = logits.shape[-2:]
         exited = F.interpolate(exited.to(logits.dtype), size=size, mode="nearest").bool()
         early = F.interpolate(canvas.to(logits.dtype), size=size, mode="nearest")
@@ -84,12 +84,10 @@ class PruningTrace:
         """The task loss of every early prediction (DToP's heads), upsampled bilinearly to ``target``
         ``(B, 1, H, W)`` and weighted by its point's ``early_loss_weight``; named ``early_head`` or
         ``early_head_<point>``. Empty when no point made early predictions."""
-        points = [(i, r) for i, r in enumerate(self.results) if r.early_logits is not None]
+        points = [(i, r.early_exit) for i, r in enumerate(self.results) if r.early_exit is not None]
         losses = {}
-        for i, result in points:
-            logits = F.interpolate(
-                result.early_logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
+        for i, early in points:
+            logits = F.interpolate(early.logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
             name = "early_head" if len(points) == 1 else f"early_head_{i}"
-            losses[name] = result.early_loss_weight * loss_fn(logits, target)
+            losses[name] = early.loss_weight * loss_fn(logits, target)
         return losses
