@@ -350,14 +350,14 @@ class PrunableSwinUNETR(nn.Module):
 
         x = vit.pos_drop(vit.patch_embed(image))  # (B, C, H/2, W/2)
         hidden = [vit.proj_out(x, self.normalize)]
-        state = PointState()
+        observed = PointState()
         observer = pruner if pruner.active and pruner.needs_attention else None
         for index, layer in enumerate(stages[:point]):
             if observer is None:
                 x = layer(x.contiguous())
             else:
-                x, state = _observed_stage(
-                    layer, x, observer, state, first_block=sum(self.depths[:index]) + 1
+                x, observed = _observed_stage(
+                    layer, x, observer, observed, first_block=sum(self.depths[:index]) + 1
                 )
             hidden.append(vit.proj_out(x, self.normalize))
 
@@ -369,7 +369,7 @@ class PrunableSwinUNETR(nn.Module):
             trace.first_pruned_block = sum(self.depths[:point]) + 1
         if pruner.active and pruner.mode != "zero_once":
             pruned_hidden, pruned_fractions = self._run_pruned(
-                x, stages[point:], pruner, image_hw, box_xyxy, prune_enabled, trace, state
+                x, stages[point:], pruner, image_hw, box_xyxy, prune_enabled, trace, observed
             )
             hidden[point:] = pruned_hidden
             fractions += pruned_fractions
@@ -383,7 +383,7 @@ class PrunableSwinUNETR(nn.Module):
                     box_xyxy,
                     prune_enabled,
                     trace,
-                    state,
+                    observed,
                 )
                 x = alive.tokens.transpose(1, 2).reshape(x.shape)
                 hidden[point] = vit.proj_out(x, self.normalize)
@@ -403,9 +403,10 @@ class PrunableSwinUNETR(nn.Module):
         box_xyxy: Tensor,
         prune_enabled: Tensor | None,
         trace: PruningTrace,
-        state: PointState,
+        observed: PointState,
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Prune the grid ``x`` ``(B, C, h, w)`` and run ``stages`` on what is kept (drop or mask).
+        """Prune the grid ``x`` ``(B, C, h, w)`` and run ``stages`` on what is kept (drop or mask);
+        ``observed`` is what the pruner saw of the stages before the point.
 
         Returns the hidden states from the pruning point on (``(B, C_k, h_k, w_k)`` each) and the
         ``(B,)`` keep fraction at the input of every block of ``stages``.
@@ -415,7 +416,7 @@ class PrunableSwinUNETR(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, Z, C)
         full = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
         alive, _, _, _ = apply_pruner(
-            pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace, state
+            pruner, TokenSet.full(tokens, (h, w)), full, image_hw, box_xyxy, prune_enabled, trace, observed
         )
         state = _PrunedGrid(alive, tokens if pruner.fill == "carry" else None)
         hidden = [self._hidden(state, pruner, trace, 0)]
