@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from prato_exp.cli.common import CONFIG_DIR
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.dtop import DToPPruner
 from prato_exp.pruning.dynamicvit import DynamicViTPruner
 from prato_exp.pruning.evovit import EvoViTPruner
@@ -58,12 +59,12 @@ def require_isic() -> Path:
 
 
 BASELINES = {
-    "random": partial(RandomPruner, q=25),
-    "dynamicvit": partial(DynamicViTPruner, q=25),
-    "evovit": partial(EvoViTPruner, q=25),
+    "random": partial(RandomPruner, budget=TokenBudget(q=25)),
+    "dynamicvit": partial(DynamicViTPruner, budget=TokenBudget(q=25)),
+    "evovit": partial(EvoViTPruner, budget=TokenBudget(q=25)),
     "dtop": partial(DToPPruner, p0=0.9),
-    "stp": partial(STPPruner, q=25),
-    "tram": partial(TRAMPruner, q=25),
+    "stp": partial(STPPruner, budget=TokenBudget(q=25)),
+    "tram": partial(TRAMPruner, budget=TokenBudget(q=25)),
 }
 """Factories of the six baseline pruners at PrATo's q=25 budget, keyed by their config name."""
 

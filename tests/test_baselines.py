@@ -4,14 +4,15 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import BASELINES, make_dtop_confident
+from conftest import BASELINES, compose_train, make_dtop_confident
 from monai.networks.blocks import TransformerBlock
 from timm.models.vision_transformer import Block
 
+from prato_exp.cli.common import check_pruning_keys
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PointState, PrunerContext, PruneResult, TokenPruner, pruning_disabled
-from prato_exp.pruning.budget import percentile_keep_count
+from prato_exp.pruning.budget import TokenBudget, percentile_keep_count
 from prato_exp.pruning.dtop import DToPPruner, exit_mask
 from prato_exp.pruning.dynamicvit import DynamicViTPruner
 from prato_exp.pruning.evovit import EvoViTPruner, EvoViTState, received_attention
@@ -165,7 +166,7 @@ def test_dynamicvit_predictor_gets_gradients_from_the_task_loss_alone():
 
 
 def test_stp_token_scale_is_one_in_value():
-    pruner = STPPruner(dim=8, q=25, context=CONTEXT).train()
+    pruner = STPPruner(dim=8, budget=TokenBudget(q=25), context=CONTEXT).train()
     result = pruner(torch.randn(2, 16, 8), (4, 4), torch.zeros(2, 4), (64, 64))
     torch.testing.assert_close(result.token_scale, torch.ones(2, 16))
     assert result.token_scale.requires_grad
@@ -183,9 +184,11 @@ def test_training_masks_are_stochastic_and_inference_is_deterministic(name):
 
 
 def test_dynamicvit_ratio_loss_is_zero_at_the_target():
-    pruner = DynamicViTPruner(dim=8, q=25, context=CONTEXT)
+    pruner = DynamicViTPruner(dim=8, budget=TokenBudget(q=25), context=CONTEXT)
     assert pruner.target_ratio() == 0.75
-    second = DynamicViTPruner(dim=8, q=25, context=PrunerContext(3, (4, 4), 12, point_index=1, num_points=2))
+    second = DynamicViTPruner(
+        dim=8, budget=TokenBudget(q=25), context=PrunerContext(3, (4, 4), 12, point_index=1, num_points=2)
+    )
     assert second.target_ratio() == pytest.approx(0.5625)
 
 
@@ -273,7 +276,7 @@ def test_evovit_received_attention_sums_to_heads_over_keys():
 
 
 def _evovit_stage(representative: bool):
-    pruner = EvoViTPruner(q=25, representative=representative)
+    pruner = EvoViTPruner(budget=TokenBudget(q=25), representative=representative)
     torch.manual_seed(0)
     block = TransformerBlock(16, 32, 4).eval()
     tokens = torch.randn(1, 8, 16)
@@ -297,7 +300,7 @@ def test_evovit_without_representative_freezes_placeholders():
 
 
 def test_evovit_with_everything_informative_reproduces_the_block():
-    pruner = EvoViTPruner(q=25)
+    pruner = EvoViTPruner(budget=TokenBudget(q=25))
     torch.manual_seed(0)
     block = TransformerBlock(16, 32, 4).eval()
     tokens = torch.randn(2, 6, 16)
@@ -309,7 +312,7 @@ def test_evovit_with_everything_informative_reproduces_the_block():
 @pytest.mark.parametrize("name", ["random", "tram", "stp"])
 def test_drop_and_mask_give_the_same_prediction(name):
     if name == "stp":  # the assembler reads the carried grid in both modes
-        factory = partial(STPPruner, q=25)
+        factory = partial(STPPruner, budget=TokenBudget(q=25))
         drop, mask = _net(factory).eval(), _net(partial(factory, mode="mask")).eval()
     else:
         drop = _net(partial(BASELINES[name].func, **BASELINES[name].keywords)).eval()
@@ -319,8 +322,8 @@ def test_drop_and_mask_give_the_same_prediction(name):
 
 
 def test_baselines_refuse_fixed_thresholds_with_a_clear_error():
-    with pytest.raises(ValueError, match="only percentile thresholds"):
-        RandomPruner(threshold="fixed", tau=0.3)
+    with pytest.raises(ValueError, match=r"pruning=random .* supports only percentile budgets"):
+        RandomPruner(budget=TokenBudget("fixed", tau=0.3))
 
 
 def test_random_trains_on_the_global_stream_and_evaluates_on_its_own():
@@ -545,8 +548,8 @@ def test_hierarchical_backbones_refuse_evovit_with_its_reason(backbone):
 
 
 def test_dtop_refuses_a_threshold_choice_with_a_clear_error():
-    with pytest.raises(ValueError, match=r"pruning\.p0"):
-        DToPPruner(dim=8, context=CONTEXT, threshold="percentile", q=25)
+    with pytest.raises(ValueError, match=r"pruning\.budget is not a setting of .*DToPPruner .*token budget"):
+        check_pruning_keys(compose_train(["pruning=dtop", "threshold=percentile50"]).pruning)
 
 
 def test_dtop_exits_nothing_during_its_warm_up_steps():

@@ -58,13 +58,14 @@ def test_threshold_choice_overrides_the_preset_threshold(choice):
     pruner = instantiate(cfg.pruning)(dim=16)
     assert pruner.query == "naive"
     if choice.startswith("fixed"):
-        assert (pruner.threshold, pruner.tau) == ("fixed", float(choice.removeprefix("fixed")))
+        assert (pruner.budget.rule, pruner.budget.tau) == ("fixed", float(choice.removeprefix("fixed")))
     else:
-        assert (pruner.threshold, pruner.q) == ("percentile", int(choice.removeprefix("percentile")))
+        assert (pruner.budget.rule, pruner.budget.q) == ("percentile", int(choice.removeprefix("percentile")))
+    assert pruner.budget.min_keep == 1
 
 
 def test_users_one_word_form_selects_prato_at_q25():
     cfg = compose_train(["model=unetr", "pruning=percentile25"])
     pruner = instantiate(cfg.pruning)(dim=768)
-    assert (type(pruner).__name__, pruner.threshold, pruner.q) == ("PrATo", "percentile", 25)
+    assert (type(pruner).__name__, pruner.budget.rule, pruner.budget.q) == ("PrATo", "percentile", 25)
     assert list(cfg.model.prune_after) == [3] and cfg.model.hidden_size == 768

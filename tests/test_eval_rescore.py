@@ -5,10 +5,12 @@ import json
 
 import pytest
 from conftest import compose_eval, compose_train
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prato_exp.cli.eval import evaluate, rescoring_config
+from prato_exp.cli.eval import evaluate, rescoring_config, upgrade_run_config
 from prato_exp.cli.train import train
+from prato_exp.pruning.budget import TokenBudget
 
 
 def _run_cfg(pruning: str):
@@ -18,13 +20,30 @@ def _run_cfg(pruning: str):
 
 def test_a_percentile_preset_changes_only_q_of_the_trained_prato():
     cfg = rescoring_config(compose_eval(["ckpt=x", "pruning=percentile50"]), _run_cfg("percentile25"))
-    assert (cfg.pruning.q, cfg.model.pruner.q) == (50, 50)
+    assert (cfg.pruning.budget.q, cfg.model.pruner.budget.q) == (50, 50)
     assert cfg.pruning.k == _run_cfg("percentile25").pruning.k
 
 
 def test_a_fixed_threshold_replaces_the_percentile_of_the_trained_prato():
     cfg = rescoring_config(compose_eval(["ckpt=x", "threshold=fixed0.3"]), _run_cfg("percentile25"))
-    assert (cfg.model.pruner.threshold, cfg.model.pruner.tau, cfg.model.pruner.q) == ("fixed", 0.3, None)
+    budget = cfg.model.pruner.budget
+    assert (budget.rule, budget.tau, budget.q, budget.min_keep) == ("fixed", 0.3, None, 1)
+
+
+def test_one_budget_key_changes_only_that_key():
+    cfg = rescoring_config(compose_eval(["ckpt=x", "+pruning.budget.q=40"]), _run_cfg("percentile25"))
+    budget = instantiate(cfg.model.pruner.budget)
+    assert (budget.rule, budget.q, budget.tau) == ("percentile", 40, None)
+
+
+def test_an_older_checkpoints_flat_budget_keys_are_read_as_its_budget():
+    stored = OmegaConf.to_container(_run_cfg("random"))
+    for node in (stored["pruning"], stored["model"]["pruner"]):
+        del node["budget"]
+        node |= {"threshold": "percentile", "q": 50, "tau": None, "min_keep": 1}
+    upgrade_run_config(stored)
+    cfg = rescoring_config(compose_eval(["ckpt=x"]), OmegaConf.create(stored))
+    assert instantiate(cfg.model.pruner)(dim=8).budget == TokenBudget(q=50)
 
 
 def test_roialign_k_can_change_at_evaluation():
@@ -34,7 +53,7 @@ def test_roialign_k_can_change_at_evaluation():
 
 def test_a_pruner_with_a_learned_part_refuses_a_new_budget():
     with pytest.raises(ValueError, match="DynamicViTPruner has no re-scorable key"):
-        rescoring_config(compose_eval(["ckpt=x", "+pruning.q=50"]), _run_cfg("dynamicvit"))
+        rescoring_config(compose_eval(["ckpt=x", "threshold=percentile50"]), _run_cfg("dynamicvit"))
 
 
 def test_another_pruner_is_refused():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from prato_exp.pruning.budget import fixed_keep, percentile_keep
+from prato_exp.pruning.budget import TokenBudget, fixed_keep, percentile_keep
 from prato_exp.pruning.prato import (
     PrATo,
     entropy_weights,
@@ -38,7 +38,7 @@ def test_equations_match_numpy_on_hand_example():
     torch.manual_seed(0)
     c, h, w = 2, 4, 4
     tokens = torch.randn(1, h * w, c)
-    pruner = _identity_pruner(c, k=2, q=25)
+    pruner = _identity_pruner(c, k=2, budget=TokenBudget(q=25))
     result = pruner(tokens, (h, w), torch.tensor([[0.0, 0.0, 64.0, 64.0]]), (64, 64))
 
     y = tokens[0].double().numpy()
@@ -124,7 +124,7 @@ def test_fixed_threshold_enforces_min_keep_when_none_pass():
 
 def test_fixed_threshold_module_keeps_min_keep():
     torch.manual_seed(0)
-    pruner = PrATo(8, k=2, d_v=4, threshold="fixed", tau=0.99, min_keep=3)
+    pruner = PrATo(8, k=2, d_v=4, budget=TokenBudget("fixed", tau=0.99, min_keep=3))
     tokens = 0.01 * torch.randn(2, 16, 8)
     result = pruner(tokens, (4, 4), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2), (64, 64))
     assert result.keep.sum(1).tolist() == [3, 3]
@@ -172,24 +172,53 @@ def test_soft_keeps_all_and_scales_by_scores():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"q": 0}, r"pruning.q \(percentile\) must lie in \(0, 100\)"),
-        ({"q": 100}, r"pruning.q \(percentile\) must lie in"),
-        ({"threshold": "fixed"}, "tau"),
-        ({"threshold": "fixed", "tau": 1.0}, "tau"),
-        ({"threshold": "otsu"}, r"pruning.threshold must be one of \('percentile', 'fixed'\)"),
         ({"query": "crop"}, r"pruning.query must be one of \('roialign', 'naive'\), got 'crop'"),
         ({"soft": True}, "soft=true requires pruning.mode=zero_once"),
-        ({"min_keep": -1}, "min_keep must be >= 1"),
-        ({"min_keep": 0}, "min_keep must be >= 1"),
         ({"mode": "dorp"}, r"pruning.mode must be one of \('drop', 'mask', 'zero_once'\), got 'dorp'"),
         ({"fill": "mean"}, r"pruning.fill must be one of \('zero', 'carry'\), got 'mean'"),
-        ({"tau": 0.3}, "pruning.tau=0.3 is not used with threshold=percentile"),
-        ({"threshold": "fixed", "tau": 0.3, "q": 25}, "pruning.q=25 is not used with threshold=fixed"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrATo(8, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"q": 0}, r"pruning.budget.q \(percentile\) must lie in \(0, 100\)"),
+        ({"q": 100}, r"pruning.budget.q \(percentile\) must lie in"),
+        ({"rule": "fixed"}, "tau"),
+        ({"rule": "fixed", "tau": 1.0}, "tau"),
+        ({"rule": "otsu"}, r"pruning.budget.rule must be one of \('percentile', 'fixed'\)"),
+        ({"min_keep": -1}, "min_keep must be >= 1"),
+        ({"min_keep": 0}, "min_keep must be >= 1"),
+        ({"tau": 0.3}, "pruning.budget.tau=0.3 is not used with rule=percentile"),
+        ({"rule": "fixed", "tau": 0.3, "q": 25}, "pruning.budget.q=25 is not used with rule=fixed"),
+    ],
+)
+def test_invalid_budgets_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TokenBudget(**kwargs)
+
+
+def test_a_percentile_budget_defaults_to_the_papers_q():
+    assert (TokenBudget().rule, TokenBudget().q, TokenBudget().label) == ("percentile", 25, "q=25")
+
+
+def test_budget_keep_applies_its_rule():
+    scores = torch.tensor([[0.9, 0.1, 0.6, 0.4]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    assert TokenBudget(q=50).keep(scores, valid).tolist() == [[True, False, True, False]]
+    assert TokenBudget("fixed", tau=0.3).keep(scores, valid).tolist() == [[True, False, True, True]]
+    assert TokenBudget("fixed", tau=0.95, min_keep=1).keep(scores, valid).tolist() == [
+        [True, False, False, False]
+    ]
+
+
+def test_a_count_is_refused_for_a_fixed_threshold_with_the_method_named():
+    with pytest.raises(ValueError, match=r"pruning=random keeps a fixed token count .*budget.rule='fixed'"):
+        TokenBudget("fixed", tau=0.3).require_count("pruning=random")
 
 
 def _assert_finite_with_grads(pruner: PrATo, tokens: torch.Tensor, box: torch.Tensor) -> None:
@@ -318,7 +347,7 @@ def test_grid_scatter_places_alive_tokens_and_zero_fills():
 def test_pruning_twice_keeps_percentile_of_valid_tokens():
     torch.manual_seed(0)
     b, h, w, c = 2, 7, 7, 8
-    pruner = PrATo(c, k=3, d_v=4, q=25)
+    pruner = PrATo(c, k=3, d_v=4, budget=TokenBudget(q=25))
     boxes = torch.tensor([[10.0, 20.0, 70.0, 90.0], [0.0, 0.0, 112.0, 50.0]])
     first = pruner(torch.randn(b, h * w, c), (h, w), boxes, (112, 112))
     assert first.keep.sum(1).tolist() == [37, 37]

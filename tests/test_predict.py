@@ -206,9 +206,13 @@ def test_pruning_overrides_and_the_unpruned_comparison(segmenter):
     with pytest.raises(ValueError, match=r"\['depth'\] not accepted by PrATo; allowed: .*'q'"):
         segmenter.predict(image, BOX, depth=3)
     with pytest.raises(
-        ValueError, match=r"refused: pruning.q \(percentile\) must lie in \(0, 100\), got 150"
+        ValueError, match=r"refused: pruning.budget.q \(percentile\) must lie in \(0, 100\), got 150"
     ):
         segmenter.predict(image, BOX, q=150)
+    with pytest.raises(ValueError, match=r"give q \(a percentile\) or tau \(a threshold\), not both"):
+        segmenter.predict(image, BOX, q=50, tau=0.3)
+    fixed = segmenter.predict(image, BOX, tau=0.99, **FAST)  # a fixed threshold: at least min_keep kept
+    assert 1 <= fixed.tokens_kept < GRID
 
 
 BAD_BOXES = {

@@ -7,6 +7,7 @@ import torch
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.segformer import PrunableSegFormer, next_stage_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.prato import PrATo
 from prato_exp.tokens.attention_mask import reduced_key_keep
 
@@ -45,7 +46,7 @@ def test_no_pruner_reproduces_transformers_segformer_exactly():
 
 
 def test_keeping_every_token_in_drop_mode_reproduces_the_library():
-    net = _net(partial(PrATo, q=50)).eval()
+    net = _net(partial(PrATo, budget=TokenBudget(q=50))).eval()
     image, box = _inputs()
     out = net(image, box, torch.tensor([False, False]))
     torch.testing.assert_close(out.logits, net.reference_forward(image))
@@ -53,7 +54,7 @@ def test_keeping_every_token_in_drop_mode_reproduces_the_library():
 
 @pytest.mark.parametrize("pruning", ["none", "percentile25"])
 def test_forward_backward_on_cpu(pruning):
-    net = _net(None if pruning == "none" else partial(PrATo, q=25))
+    net = _net(None if pruning == "none" else partial(PrATo, budget=TokenBudget(q=25)))
     out = net(*_inputs())
     assert out.logits.shape == (2, 3, SIZE, SIZE)
     out.logits.square().mean().backward()
@@ -66,8 +67,8 @@ def test_forward_backward_on_cpu(pruning):
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 @pytest.mark.parametrize("fill", ["zero", "carry"])
 def test_drop_and_mask_modes_agree(threshold, fill):
-    cut = {"q": 50} if threshold == "percentile" else {"tau": 0.5}
-    kwargs = {"threshold": threshold, **cut, "fill": fill}
+    budget = TokenBudget(q=50) if threshold == "percentile" else TokenBudget("fixed", tau=0.5)
+    kwargs = {"budget": budget, "fill": fill}
     drop = _net(partial(PrATo, mode="drop", **kwargs)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs)).eval()
     mask.load_state_dict(drop.state_dict())
@@ -96,7 +97,7 @@ def test_reduced_key_is_masked_only_when_all_parents_are_pruned():
 
 
 def test_percentile_pruning_sparsity_matches_configuration():
-    out = _net(partial(PrATo, q=25))(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)))(*_inputs())
     keep = out.trace.keep_grids[0]
     # 64 tokens, floor(0.25 * 64) = 16 pruned at the stage-2 embedding
     assert out.trace.grid_hw == (8, 8) and [int(k.sum()) for k in keep] == [48, 48]
@@ -111,20 +112,20 @@ def test_percentile_pruning_sparsity_matches_configuration():
 
 
 def test_pruning_the_last_stage_gives_exactly_the_configured_sparsity():
-    out = _net(partial(PrATo, q=25), prune_after=[3])(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)), prune_after=[3])(*_inputs())
     # 2 x 2 = 4 tokens, 1 pruned; the last stage is the only one after the point
     torch.testing.assert_close(out.trace.sparsity(), torch.tensor([0.25, 0.25]))
 
 
 def test_exempt_images_keep_all_tokens():
-    out = _net(partial(PrATo, q=50))(*_inputs(), torch.tensor([True, False]))
+    out = _net(partial(PrATo, budget=TokenBudget(q=50)))(*_inputs(), torch.tensor([True, False]))
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [32, 64]
     assert bool((out.trace.block_keep_fraction[1] == 1).all())
     assert float(out.trace.sparsity()[1]) == 0.0
 
 
 def test_ste_trains_pruner_projections_through_the_task_loss():
-    net = _net(partial(PrATo, q=25))
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)))
     net(*_inputs()).logits.square().mean().backward()
     pruner = net.pruners["1"]
     assert pruner.f1.weight.grad is not None and pruner.f1.weight.grad.abs().sum() > 0
@@ -145,7 +146,7 @@ def _block_flops(n: int, stage: int) -> int:
 @pytest.mark.parametrize("q", [25, 50, 75])
 def test_block_flops_follow_the_kept_token_arithmetic(q):
     image, box = _inputs(1)
-    net = _net(partial(PrATo, q=q))
+    net = _net(partial(PrATo, budget=TokenBudget(q=q)))
     report = count_flops(net, image, box)
     with torch.no_grad():
         kept = net.stage_keep_fraction(net(image, box).trace)[0] * torch.tensor(GRIDS) ** 2
@@ -162,7 +163,7 @@ def test_drop_mode_really_skips_tokens_in_flops():
     full = count_flops(net, image, box).flops_under(net.pruned_part())
     part, attention = [], []
     for q in (25, 50, 75):
-        pruned = _net(partial(PrATo, q=q))
+        pruned = _net(partial(PrATo, budget=TokenBudget(q=q)))
         report = count_flops(pruned, image, box)
         part.append(report.flops_under(pruned.pruned_part()))
         blocks = [f"{PREFIX}.{s}.blocks.{j}" for s in range(1, 4) for j in range(DEPTHS[s])]
@@ -177,12 +178,12 @@ def test_mask_and_zero_once_modes_save_nothing():
     net = _net()
     full = count_flops(net, image, box).flops_under(net.pruned_part())
     for mode in ("mask", "zero_once"):
-        pruned = _net(partial(PrATo, q=50, mode=mode))
+        pruned = _net(partial(PrATo, budget=TokenBudget(q=50), mode=mode))
         assert count_flops(pruned, image, box).flops_under(pruned.pruned_part()) >= full
 
 
 def test_zero_once_reports_no_sparsity():
-    out = _net(partial(PrATo, q=50, mode="zero_once"))(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=50), mode="zero_once"))(*_inputs())
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [32, 32]
     torch.testing.assert_close(out.trace.sparsity(), torch.zeros(2))
 

@@ -12,6 +12,7 @@ from monai.networks.nets.swin_unetr import window_partition
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.swin_unetr import PrunableSwinUNETR
 from prato_exp.pruning.base import PruneResult, TokenPruner
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.prato import PrATo
 from prato_exp.tokens.windows import merge_2x2, window_layout
 
@@ -58,7 +59,7 @@ def test_no_pruner_reproduces_unpatched_monai_swin_unetr(window_size):
 
 
 def test_runs_at_32_px_where_the_bottleneck_is_one_pixel():
-    net = _net(partial(PrATo, q=25), img_size=32)
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)), img_size=32)
     image, box = torch.rand(1, 1, 32, 32), torch.tensor([[4.0, 4.0, 20.0, 20.0]])
     net(image, box).logits.mean().backward()
     monai_net = SwinUNETR(1, 3, feature_size=FEATURES, window_size=4, spatial_dims=2)
@@ -68,7 +69,7 @@ def test_runs_at_32_px_where_the_bottleneck_is_one_pixel():
 
 @pytest.mark.parametrize("pruning", ["none", "percentile25"])
 def test_forward_backward_and_output_shape(pruning):
-    net = _net(None if pruning == "none" else partial(PrATo, q=25))
+    net = _net(None if pruning == "none" else partial(PrATo, budget=TokenBudget(q=25)))
     out = net(*_inputs())
     assert out.logits.shape == (2, 3, SIZE, SIZE)
     out.logits.square().mean().backward()
@@ -77,7 +78,7 @@ def test_forward_backward_and_output_shape(pruning):
 
 
 def test_ste_trains_pruner_projections_through_the_task_loss():
-    net = _net(partial(PrATo, q=25))
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)))
     net(*_inputs()).logits.square().mean().backward()
     pruner = net.pruners["1"]
     assert pruner.f1.weight.grad is not None and pruner.f1.weight.grad.abs().sum() > 0
@@ -87,10 +88,10 @@ def test_ste_trains_pruner_projections_through_the_task_loss():
 @pytest.mark.parametrize(
     ("window_size", "kwargs"),
     [
-        (4, {"threshold": "percentile", "q": 50}),
-        (4, {"threshold": "fixed", "tau": 0.5}),  # keep counts differ: padded token sets
-        (3, {"threshold": "percentile", "q": 75}),  # padded grids, shifted windows with padding
-        (4, {"threshold": "percentile", "q": 50, "fill": "carry"}),
+        (4, {"budget": TokenBudget(q=50)}),
+        (4, {"budget": TokenBudget("fixed", tau=0.5)}),  # keep counts differ: padded token sets
+        (3, {"budget": TokenBudget(q=75)}),  # padded grids, shifted windows with padding
+        (4, {"budget": TokenBudget(q=50), "fill": "carry"}),
     ],
 )
 def test_drop_and_mask_modes_agree_for_the_whole_model(window_size, kwargs):
@@ -107,8 +108,8 @@ def test_drop_and_mask_modes_agree_for_the_whole_model(window_size, kwargs):
 
 def test_pruning_changes_the_output_and_zero_once_keeps_the_grid():
     image, box = _inputs()
-    net = _net(partial(PrATo, q=50)).eval()
-    zero_once = _net(partial(PrATo, q=50, mode="zero_once")).eval()
+    net = _net(partial(PrATo, budget=TokenBudget(q=50))).eval()
+    zero_once = _net(partial(PrATo, budget=TokenBudget(q=50), mode="zero_once")).eval()
     with torch.no_grad():
         reference = net.reference_forward(image)
         dropped, zeroed = net(image, box), zero_once(image, box)
@@ -121,7 +122,7 @@ def test_pruning_changes_the_output_and_zero_once_keeps_the_grid():
 @pytest.mark.parametrize("window_size", [4, 3])
 def test_exempt_images_keep_all_tokens_and_get_monai_output(window_size):
     image, box = _inputs()
-    net = _net(partial(PrATo, q=50), window_size).eval()
+    net = _net(partial(PrATo, budget=TokenBudget(q=50)), window_size).eval()
     with torch.no_grad():
         out = net(image, box, torch.tensor([True, False]))
         reference = net.reference_forward(image)
@@ -131,7 +132,7 @@ def test_exempt_images_keep_all_tokens_and_get_monai_output(window_size):
 
 
 def test_sparsity_per_stage_follows_the_keep_rule():
-    net = _net(partial(PrATo, q=25))
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)))
     out = net(*_inputs())
     trace = out.trace
     keep16 = trace.keep_grids[0]
@@ -159,7 +160,7 @@ def _token_wise_flops(report, block: str) -> int:
 @pytest.mark.parametrize("q", [25, 50, 75])
 def test_token_wise_flops_follow_the_kept_token_arithmetic(q, unpruned_flops):
     image, box = _inputs(1)
-    net = _net(partial(PrATo, q=q))
+    net = _net(partial(PrATo, budget=TokenBudget(q=q)))
     report = count_flops(net, image, box)
     unpruned = unpruned_flops
     fraction = net(image, box).trace.block_keep_fraction[0]

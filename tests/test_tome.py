@@ -10,6 +10,7 @@ from prato_exp.models.swin_unetr import PrunableSwinUNETR
 from prato_exp.models.transunet import PrunableTransUNet
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.base import PointState, pruning_disabled
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.tome import ToMeMerger, ToMeState, bipartite_sides, merge_tokens
 from prato_exp.tokens.token_set import child_merged_into, follow_merges
 
@@ -58,7 +59,7 @@ def test_the_most_similar_pair_is_merged_into_a_size_weighted_mean():
     # slots 0, 2 are side A; 1, 3 side B. Slot 2 is nearly parallel to slot 3: that pair merges.
     tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.1], [1.0, 1.0]]])
     size = torch.tensor([[1, 1, 1, 3]])
-    result = ToMeMerger(dim=2, q=25).eval()(
+    result = ToMeMerger(dim=2, budget=TokenBudget(q=25)).eval()(
         tokens, (2, 2), torch.zeros(1, 4), (32, 32), state=PointState(carried=ToMeState(size=size))
     )
     assert result.keep.tolist() == [[True, True, False, True]]
@@ -87,14 +88,16 @@ def test_merges_floor_q_n_over_100_tokens_per_image_with_padding(q):
     tokens = torch.randn(2, 10, 8)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 7:] = False
-    result = ToMeMerger(dim=8, q=q)(tokens, (4, 4), torch.zeros(2, 4), (64, 64), valid=valid)
+    result = ToMeMerger(dim=8, budget=TokenBudget(q=q))(
+        tokens, (4, 4), torch.zeros(2, 4), (64, 64), valid=valid
+    )
     removed = (valid & ~result.keep).sum(dim=1).tolist()
     assert removed == [10 * q // 100, 7 * q // 100]
     assert not result.keep[1, 7:].any()
 
 
 def test_merged_away_places_take_their_destinations_final_value_in_unetr():
-    net = _unetr(pruner=_merger(q=50), prune_after=(3, 6))
+    net = _unetr(pruner=_merger(budget=TokenBudget(q=50)), prune_after=(3, 6))
     encoded = _encode(net, *_inputs())
     trace = encoded.trace
     assert [k.sum(dim=1).tolist() for k in trace.keep_grids] == [[8, 8], [4, 4]]
@@ -132,7 +135,7 @@ def test_drop_and_mask_give_the_same_prediction(net_cls, kwargs):
 
 
 def test_an_exempt_image_is_predicted_as_by_the_unpruned_model():
-    net = _unetr(pruner=_merger(q=50))
+    net = _unetr(pruner=_merger(budget=TokenBudget(q=50)))
     image, box = _inputs()
     enabled = torch.tensor([False, True])
     merged = net(image, box, enabled).logits
@@ -143,7 +146,7 @@ def test_an_exempt_image_is_predicted_as_by_the_unpruned_model():
 
 
 def test_inference_flops_fall_on_the_executed_graph():
-    net = _unetr(pruner=_merger(q=50))
+    net = _unetr(pruner=_merger(budget=TokenBudget(q=50)))
     image, box = _inputs(1)
     with pruning_disabled(net):
         full = count_flops(net, image, box).total_flops
@@ -151,7 +154,7 @@ def test_inference_flops_fall_on_the_executed_graph():
 
 
 def test_gradients_flow_through_merged_tokens():
-    net = _unetr(pruner=_merger(q=50)).train()
+    net = _unetr(pruner=_merger(budget=TokenBudget(q=50))).train()
     net(*_inputs()).logits.sum().backward()
     assert next(net.unetr.vit.blocks[0].parameters()).grad.abs().sum() > 0
 
@@ -159,9 +162,9 @@ def test_gradients_flow_through_merged_tokens():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"q": 75}, "at most half"),
+        ({"budget": TokenBudget(q=75)}, "at most half"),
         ({"mode": "zero_once"}, "zero_once"),
-        ({"threshold": "fixed"}, "percentile"),
+        ({"budget": TokenBudget("fixed", tau=0.3)}, "percentile"),
     ],
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):
@@ -187,7 +190,7 @@ def _hierarchical(backbone: str, **kwargs) -> torch.nn.Module:
 
 @pytest.mark.parametrize("backbone", ["swin", "segformer"])
 def test_hierarchical_backbones_merge_the_promised_count(backbone):
-    net = _hierarchical(backbone, q=25)
+    net = _hierarchical(backbone, budget=TokenBudget(q=25))
     out = net(torch.rand(2, 1, SIZE, SIZE), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2))
     z = out.trace.grid_hw[0] * out.trace.grid_hw[1]
     assert out.trace.keep_grids[0].sum(dim=1).tolist() == [z - z // 4] * 2
@@ -195,7 +198,7 @@ def test_hierarchical_backbones_merge_the_promised_count(backbone):
 
 
 def test_segformer_decoder_reads_merged_away_places_with_their_destinations_value():
-    net = _hierarchical("segformer", q=50)
+    net = _hierarchical("segformer", budget=TokenBudget(q=50))
     maps = []
     net.segformer.decode_head.register_forward_pre_hook(lambda _m, args: maps.append(args[0]))
     out = net(torch.rand(2, 1, SIZE, SIZE), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2))

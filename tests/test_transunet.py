@@ -10,6 +10,7 @@ from timm.layers import Attention
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.transunet import PrunableTransUNet
 from prato_exp.pruning.base import NoPruner, pruning_disabled
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.prato import PrATo
 
 SIZE = 64  # ViT on the 1/16 map: 4 x 4 = 16 tokens
@@ -50,7 +51,9 @@ def test_no_pruner_reproduces_timm_encoder_exactly(fused):
     torch.testing.assert_close(net(image, box).logits, net.reference_forward(image))
 
 
-@pytest.mark.parametrize("pruner", [None, partial(PrATo, q=25)], ids=["none", "percentile25"])
+@pytest.mark.parametrize(
+    "pruner", [None, partial(PrATo, budget=TokenBudget(q=25))], ids=["none", "percentile25"]
+)
 def test_forward_backward_shape(pruner):
     net = _net(pruner)
     out = net(*_inputs())
@@ -64,7 +67,7 @@ def test_forward_backward_shape(pruner):
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 def test_drop_and_mask_modes_agree(threshold, fused):
-    kwargs = {"threshold": threshold, **({"q": 50} if threshold == "percentile" else {"tau": 0.5})}
+    kwargs = {"budget": TokenBudget(q=50) if threshold == "percentile" else TokenBudget("fixed", tau=0.5)}
     drop = _net(partial(PrATo, mode="drop", **kwargs), fused=fused, prune_after=(3, 6)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs), fused=fused, prune_after=(3, 6)).eval()
     mask.load_state_dict(drop.state_dict())
@@ -76,14 +79,14 @@ def test_drop_and_mask_modes_agree(threshold, fused):
 
 
 def test_percentile_pruning_sparsity_matches_configuration():
-    out = _net(partial(PrATo, q=25))(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)))(*_inputs())
     # 16 tokens, floor(0.25 * 16) = 4 pruned after block 3; blocks 4..12 run on 12 tokens
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [12, 12]
     torch.testing.assert_close(out.trace.sparsity(), torch.tensor([0.25, 0.25]))
 
 
 def test_three_points_compound():
-    out = _net(partial(PrATo, q=25), prune_after=(3, 6, 9))(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)), prune_after=(3, 6, 9))(*_inputs())
     # 16 -> 12 -> 9 -> 7 tokens; blocks 4..12 run on 12, 12, 12, 9, 9, 9, 7, 7, 7
     assert [int(k[0].sum()) for k in out.trace.keep_grids] == [12, 9, 7]
     expected = 1 - (12 + 9 + 7) * 3 / (9 * 16)
@@ -92,7 +95,7 @@ def test_three_points_compound():
 
 def test_exempt_images_keep_all_tokens_and_their_unpruned_output():
     image, box = _inputs()
-    net = _net(partial(PrATo, q=50)).eval()
+    net = _net(partial(PrATo, budget=TokenBudget(q=50))).eval()
     out = net(image, box, torch.tensor([True, False]))
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [8, 16]
     with pruning_disabled(net):
@@ -109,7 +112,7 @@ def _block_flops(n: int, c: int = HIDDEN, mlp: int = MLP) -> int:
 @pytest.mark.parametrize("q", [25, 50, 75])
 def test_block_flops_follow_the_kept_token_arithmetic(q, fused):
     image, box = _inputs(1)
-    net = _net(partial(PrATo, q=q), fused=fused)
+    net = _net(partial(PrATo, budget=TokenBudget(q=q)), fused=fused)
     report = count_flops(net, image, box)
     kept = 16 - (16 * q) // 100
     blocks = [report.flops_under([f"encoder.blocks.{i}"]) for i in range(12)]
@@ -120,8 +123,8 @@ def test_block_flops_follow_the_kept_token_arithmetic(q, fused):
 def test_drop_mode_lowers_whole_model_flops_and_mask_mode_saves_nothing():
     image, box = _inputs(1)
     full = count_flops(_net(), image, box)
-    dropped = count_flops(_net(partial(PrATo, q=50)), image, box)
-    masked = count_flops(_net(partial(PrATo, q=50, mode="mask")), image, box)
+    dropped = count_flops(_net(partial(PrATo, budget=TokenBudget(q=50))), image, box)
+    masked = count_flops(_net(partial(PrATo, budget=TokenBudget(q=50), mode="mask")), image, box)
     saved = 9 * (_block_flops(16) - _block_flops(8))
     # the CNN and the decoder are untouched; the pruner itself adds a little
     assert 0 < full.total_flops - dropped.total_flops <= saved
@@ -130,7 +133,7 @@ def test_drop_mode_lowers_whole_model_flops_and_mask_mode_saves_nothing():
 
 
 def test_ste_trains_pruner_projections_through_the_task_loss():
-    net = _net(partial(PrATo, q=25))
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)))
     net(*_inputs()).logits.square().mean().backward()
     pruner = net.pruners["3"]
     assert pruner.f1.weight.grad is not None and pruner.f1.weight.grad.abs().sum() > 0

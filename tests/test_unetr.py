@@ -7,6 +7,7 @@ import torch
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.unetr import PrunableUNETR
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.prato import PrATo
 
 SIZE = 64  # 4 x 4 = 16 tokens
@@ -40,7 +41,7 @@ def test_output_shape_and_trace_without_pruning():
 
 @pytest.mark.parametrize("threshold", ["percentile", "fixed"])
 def test_drop_and_mask_modes_agree(threshold):
-    kwargs = {"threshold": threshold, **({"q": 50} if threshold == "percentile" else {"tau": 0.5})}
+    kwargs = {"budget": TokenBudget(q=50) if threshold == "percentile" else TokenBudget("fixed", tau=0.5)}
     drop = _net(partial(PrATo, mode="drop", **kwargs), prune_after=(3, 6)).eval()
     mask = _net(partial(PrATo, mode="mask", **kwargs), prune_after=(3, 6)).eval()
     mask.load_state_dict(drop.state_dict())
@@ -52,7 +53,7 @@ def test_drop_and_mask_modes_agree(threshold):
 
 
 def test_percentile_pruning_sparsity_matches_configuration():
-    out = _net(partial(PrATo, q=25))(*_inputs())
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)))(*_inputs())
     # 16 tokens, floor(0.25 * 16) = 4 pruned after block 3; blocks 4..12 run on 12 tokens
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [12, 12]
     torch.testing.assert_close(out.trace.sparsity(), torch.tensor([0.25, 0.25]))
@@ -60,14 +61,14 @@ def test_percentile_pruning_sparsity_matches_configuration():
 
 def test_exempt_images_keep_all_tokens():
     image, box = _inputs()
-    out = _net(partial(PrATo, q=50))(image, box, torch.tensor([True, False]))
+    out = _net(partial(PrATo, budget=TokenBudget(q=50)))(image, box, torch.tensor([True, False]))
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [8, 16]
 
 
 def test_drop_mode_really_skips_tokens_in_flops():
     image, box = _inputs(1)
     full = count_flops(_net(), image, box)
-    pruned = count_flops(_net(partial(PrATo, q=50)), image, box)
+    pruned = count_flops(_net(partial(PrATo, budget=TokenBudget(q=50))), image, box)
     blocks = [f"unetr.vit.blocks.{i}" for i in range(3, 12)]
     ratio = pruned.flops_under(blocks) / full.flops_under(blocks)
     # token-wise FLOPs halve, attention FLOPs quarter
@@ -77,13 +78,13 @@ def test_drop_mode_really_skips_tokens_in_flops():
 def test_mask_mode_saves_nothing():
     image, box = _inputs(1)
     full = count_flops(_net(), image, box)
-    masked = count_flops(_net(partial(PrATo, q=50, mode="mask")), image, box)
+    masked = count_flops(_net(partial(PrATo, budget=TokenBudget(q=50), mode="mask")), image, box)
     blocks = [f"unetr.vit.blocks.{i}" for i in range(3, 12)]
     assert masked.flops_under(blocks) >= full.flops_under(blocks)
 
 
 def test_ste_trains_pruner_projections_through_the_task_loss():
-    net = _net(partial(PrATo, q=25))
+    net = _net(partial(PrATo, budget=TokenBudget(q=25)))
     net(*_inputs()).logits.square().mean().backward()
     pruner = net.pruners["3"]
     assert pruner.f1.weight.grad is not None and pruner.f1.weight.grad.abs().sum() > 0
@@ -103,7 +104,7 @@ def _block_flops(n: int, c: int = 48, mlp: int = 96) -> int:
 @pytest.mark.parametrize("q", [25, 50, 75])
 def test_block_flops_follow_the_kept_token_arithmetic(q):
     image, box = _inputs(1)
-    report = count_flops(_net(partial(PrATo, q=q)), image, box)
+    report = count_flops(_net(partial(PrATo, budget=TokenBudget(q=q))), image, box)
     kept = 16 - (16 * q) // 100
     blocks = {f"unetr.vit.blocks.{i}": report.flops_under([f"unetr.vit.blocks.{i}"]) for i in range(12)}
     assert [blocks[f"unetr.vit.blocks.{i}"] for i in range(3)] == [_block_flops(16)] * 3
@@ -113,6 +114,6 @@ def test_block_flops_follow_the_kept_token_arithmetic(q):
 def test_whole_image_fallback_box_gives_finite_output_and_exact_counts():
     image, _ = _inputs()
     whole = torch.tensor([[0.0, 0.0, SIZE, SIZE]] * 2)
-    out = _net(partial(PrATo, q=25))(image, whole)
+    out = _net(partial(PrATo, budget=TokenBudget(q=25)))(image, whole)
     assert torch.isfinite(out.logits).all()
     assert [int(k.sum()) for k in out.trace.keep_grids[0]] == [12, 12]

@@ -106,7 +106,9 @@ class PageModel:
         self.segmenter = segmenter
         self.repeats = repeats
         self.samples = phantom_samples(segmenter.in_channels)
-        self.has_q = "q" in segmenter.allowed_overrides and segmenter.pruning.get("q") is not None
+        budget = segmenter.budget
+        percentile = budget is not None and budget["rule"] == "percentile"
+        self.has_q = percentile and "q" in segmenter.allowed_overrides
 
     def run(
         self, image: np.ndarray, box: Sequence[float], q: float | None = None, label: np.ndarray | None = None
@@ -202,7 +204,7 @@ def build_app(model: PageModel) -> gr.Blocks:
                 q = gr.Slider(
                     1,
                     99,
-                    value=float(seg.pruning.get("q") or 25),
+                    value=float((seg.budget or {}).get("q") or 25),
                     step=1,
                     label="q: percent of tokens pruned (re-runs on release)",
                     visible=model.has_q,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from prato_exp.metrics.efficiency import count_flops, measure_latency
 from prato_exp.metrics.volume import summarise_volume_hd95, volume_hd95_rows
 from prato_exp.models.box_channel import BoxChannelInput
 from prato_exp.pruning.base import pruning_disabled
+from prato_exp.pruning.budget import TokenBudget
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,9 @@ def backbone_row(model_target: str, row_key: str) -> str:
     return name + ROW_SUFFIXES[row_key]
 
 
-def threshold_row(threshold: str, q: float | None, tau: float | None) -> str:
-    """Table II row label of a PrATo threshold: ``q=25`` or ``tau=0.3``."""
-    return f"q={q:g}" if threshold == "percentile" else f"tau={tau:g}"
+def threshold_row(rule: str, q: float | None, tau: float | None) -> str:
+    """Table II row label of a token budget (``pruning.budget``): ``q=25`` or ``tau=0.3``."""
+    return TokenBudget(rule, q, tau).label
 
 
 for _name, _resolver in (("backbone_row", backbone_row), ("threshold_row", threshold_row)):
@@ -87,9 +89,10 @@ def build_net(
 def check_run_config(cfg: DictConfig) -> nn.Module:
     """Validate every value of a run before any data is read; return the network it builds.
 
-    Builds the network (which checks the model and pruning keys: unknown ``mode``, ``fill``,
-    ``threshold`` or ``query``, ``q``/``tau`` out of range or unused by the threshold, ``min_keep < 1``)
-    and the box prompter, so a typo fails in a second, not after the data has loaded.
+    Checks that every ``pruning`` key is a setting of the chosen pruner, builds the network (which
+    checks the model and pruning values: unknown ``mode``, ``fill`` or ``query``, a budget's ``q``/``tau``
+    out of range or unused by its rule, ``min_keep < 1``) and the box prompter, so a typo fails in a
+    second, not after the data has loaded.
     """
     if not isinstance(cfg.get("box_channel", False), bool):
         raise ValueError(f"box_channel must be true or false, got {cfg.box_channel!r}")
@@ -99,9 +102,38 @@ def check_run_config(cfg: DictConfig) -> nn.Module:
             "trainer.limit_val_batches=0 is not supported: every run keeps its validation curve and is "
             "scored on the validation split; give a fraction or a batch count above 0"
         )
+    check_pruning_keys(cfg.get("pruning"))
     net = build_net(cfg.model, source_class(cfg.dataset), cfg.get("box_channel", False))
     instantiate(cfg.prompt)
     return net
+
+
+def check_pruning_keys(pruning_cfg: DictConfig | None) -> None:
+    """Raise a ValueError naming every ``pruning`` key the chosen pruner does not take, with those it does.
+
+    A ``threshold=`` choice writes ``pruning.budget``; a pruner whose count is not a token budget (DToP's
+    confidence exits, ``none``) gets an error saying so instead of Hydra's bare ``TypeError``.
+    """
+    if not pruning_cfg or pruning_cfg.get("_target_") is None:
+        if pruning_cfg and set(pruning_cfg.keys()) - {"_target_", "_partial_"}:
+            raise ValueError(f"pruning has settings {sorted(pruning_cfg)} but no _target_ (pruning=none)")
+        return
+    target = pruning_cfg._target_
+    params = inspect.signature(get_class(target)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    taken = set(params) - {"self", "dim", "context"}
+    unknown = sorted(k for k in pruning_cfg if not str(k).startswith("_") and k not in taken)
+    if unknown:
+        hint = (
+            " (pruning.budget comes from a threshold= choice; this pruner's count is not a token budget)"
+            if "budget" in unknown
+            else ""
+        )
+        raise ValueError(
+            f"pruning.{', pruning.'.join(unknown)} is not a setting of {target}{hint}; its settings: "
+            f"{sorted(taken)}"
+        )
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:

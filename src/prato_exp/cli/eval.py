@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from prato_exp.cli.common import (
 )
 from prato_exp.lightning.module import SegmentationModule
 from prato_exp.lightning.progress import progress_bar
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.report.samples import save_report_samples
 from prato_exp.visualize import save_overlays
 
@@ -43,7 +45,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "prato_run_config" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a prato_exp training checkpoint (no run config or state_dict in it)")
+    upgrade_run_config(checkpoint["prato_run_config"])
     return checkpoint
+
+
+FLAT_BUDGET_KEYS = ("threshold", "q", "tau", "min_keep")
+"""Pruning keys of checkpoints written before the token budget object (now ``pruning.budget``)."""
+
+
+def upgrade_run_config(run_config: dict[str, Any]) -> None:
+    """Move an older checkpoint's flat ``pruning.threshold/q/tau/min_keep`` into ``pruning.budget``, in place.
+
+    Applies to ``pruning`` and to the resolved ``model.pruner``; a pruner without a budget (DToP, which
+    stored them as null to refuse them) just loses the null keys.
+    """
+    model = run_config.get("model")
+    for node in (run_config.get("pruning"), model.get("pruner") if isinstance(model, dict) else None):
+        if not isinstance(node, dict) or "budget" in node or not any(k in node for k in FLAT_BUDGET_KEYS):
+            continue
+        flat = {k: node.pop(k) for k in FLAT_BUDGET_KEYS if k in node}
+        target = node.get("_target_")
+        if target is None or "budget" not in inspect.signature(get_class(target)).parameters:
+            continue
+        budget = {"_target_": f"{TokenBudget.__module__}.TokenBudget"}
+        budget["rule"] = flat.get("threshold", "percentile")
+        budget |= {k: flat[k] for k in ("q", "tau", "min_keep") if k in flat}
+        node["budget"] = budget
 
 
 def load_net_weights(net: nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -79,7 +106,7 @@ def rescoring_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
     """The checkpoint's run config with eval's ``dataset``, ``prompt`` and ``pruning`` overrides applied.
 
     A pruning override may change only the keys the trained pruner lists in ``rescorable`` (those no
-    learned part depends on, e.g. PrATo's ``q``, ``tau`` or ``k``); another pruner, or a key its weights
+    learned part depends on, e.g. PrATo's ``budget`` or ``k``); another pruner, or a key its weights
     depend on, is refused with the keys that may change. Keys eval does not use are errors, not silence.
     """
     unused = sorted(set(cfg.keys()) - EVAL_KEYS)
@@ -109,11 +136,15 @@ def _pruning_changes(trained: DictConfig, requested: DictConfig) -> dict[str, An
             f"the checkpoint was trained with pruning._target_={target}; eval can re-score it under other "
             f"values of that pruner's re-scorable keys, not under another pruner ({requested._target_})"
         )
-    changes = {
-        key: value
-        for key, value in requested.items()
-        if key not in ("_target_", "_partial_") and (key not in trained or trained[key] != value)
-    }
+    changes = {}
+    for key, value in requested.items():
+        if key in ("_target_", "_partial_"):
+            continue
+        old = trained.get(key)
+        if isinstance(old, DictConfig) and isinstance(value, DictConfig):
+            value = OmegaConf.merge(old, value)  # +pruning.budget.q=50 changes q, keeps the rule
+        if key not in trained or old != value:
+            changes[key] = value
     if not changes:
         return {}
     pruner_cls = get_class(target)

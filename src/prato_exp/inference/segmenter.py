@@ -196,12 +196,17 @@ class _Item:
     image_id: str
 
 
+BUDGET_KEYS = ("q", "tau", "min_keep")
+"""Override keys that change a re-scorable token budget (``pruning.budget``)."""
+
+
 class Segmenter:
     """A trained network ready to segment new images given a box (see the module docstring).
 
     Build it with :meth:`from_checkpoint`. Pruning settings that no learned part depends on (the trained
-    pruner's ``rescorable`` keys, e.g. PrATo's ``q``, ``tau``, ``threshold``) can be changed per call;
-    the network is then rebuilt from the run config with the change and the same weights loaded.
+    pruner's ``rescorable`` keys, e.g. PrATo's ``k``; a re-scorable token budget is changed through its
+    keys ``q``, ``tau`` and ``min_keep``) can be changed per call; the network is then rebuilt from the
+    run config with the change and the same weights loaded.
     """
 
     def __init__(self, run_config: DictConfig, state: dict[str, Any], path: str, device: str = "cpu") -> None:
@@ -247,12 +252,23 @@ class Segmenter:
 
     @property
     def allowed_overrides(self) -> tuple[str, ...]:
-        """Pruning keys :meth:`predict` may change: the trained pruner's ``rescorable`` keys."""
+        """Pruning keys :meth:`predict` may change: the trained pruner's ``rescorable`` keys, with a
+        re-scorable ``budget`` given by its keys (``q=50`` prunes 50 %; ``tau=0.3`` switches PrATo to a
+        fixed threshold)."""
         if self.pruner_target is None:
             return ()
         from hydra.utils import get_class
 
-        return tuple(sorted(getattr(get_class(self.pruner_target), "rescorable", frozenset())))
+        keys = set(getattr(get_class(self.pruner_target), "rescorable", frozenset()))
+        if "budget" in keys:
+            keys = (keys - {"budget"}) | set(BUDGET_KEYS)
+        return tuple(sorted(keys))
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """The trained pruner's token budget (``rule``, ``q``, ``tau``, ``min_keep``), None without one."""
+        budget = self.pruning.get("budget")
+        return {k: v for k, v in budget.items() if not k.startswith("_")} if budget else None
 
     def net(self, **pruning_overrides: Any) -> nn.Module:
         """The network (eval mode, on ``device``) with ``pruning_overrides`` applied; built once, cached."""
@@ -281,12 +297,19 @@ class Segmenter:
                 else "it allows none (a learned part depends on its settings, or nothing is pruned)"
             )
             raise ValueError(f"pruning override {unknown} not accepted by {name}; {why}")
-        changes = {k: v for k, v in overrides.items() if self.pruning.get(k) != v}
-        threshold = changes.get("threshold")
-        if threshold == "fixed" and "q" not in changes and self.pruning.get("q") is not None:
-            changes["q"] = None  # a fixed threshold uses tau; q would be refused as unused
-        if threshold == "percentile" and "tau" not in changes and self.pruning.get("tau") is not None:
-            changes["tau"] = None
+        changes = {k: v for k, v in overrides.items() if k not in BUDGET_KEYS and self.pruning.get(k) != v}
+        budget_changes = {k: v for k, v in overrides.items() if k in BUDGET_KEYS}
+        if budget_changes:
+            trained = dict(self.pruning["budget"])
+            budget = trained | budget_changes
+            if budget_changes.get("q") is not None and budget_changes.get("tau") is not None:
+                raise ValueError(f"give q (a percentile) or tau (a threshold), not both: {budget_changes}")
+            if budget_changes.get("q") is not None:
+                budget |= {"rule": "percentile", "tau": None}
+            elif budget_changes.get("tau") is not None:
+                budget |= {"rule": "fixed", "q": None}
+            if budget != trained:
+                changes["budget"] = budget
         return changes
 
     def _build(self, changes: dict[str, Any]) -> nn.Module:

@@ -1,22 +1,29 @@
 """The token budget PrATo and the baselines share, so comparisons are at equal counts.
 
-PrATo's percentile mode and every baseline that selects a fixed number of tokens keep
-``n - floor(q n / 100)`` of the ``n`` tokens alive at each pruning point (:func:`percentile_keep_count`),
-so ``pruning=random threshold=percentile50`` is compared with ``pruning=percentile50`` token for token.
-A fixed PrATo threshold keeps an image-dependent number that no score-free method can copy; the
-baselines refuse it with an error instead of silently using another count.
+A :class:`TokenBudget` (config ``pruning.budget``, chosen with the ``threshold`` group) says how many
+tokens a selector keeps at each pruning point. Its percentile rule keeps ``n - floor(q n / 100)`` of the
+``n`` alive tokens (:func:`percentile_keep_count`), so ``pruning=random threshold=percentile50`` is
+compared with ``pruning=percentile50`` token for token. Its fixed rule (PrATo only) keeps the tokens whose
+score exceeds ``tau``, an image-dependent number that no score-free method can copy; the baselines ask
+for a count with :meth:`TokenBudget.require_count`, which refuses the fixed rule with an error instead of
+silently using another count.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+BudgetRule = Literal["percentile", "fixed"]
+
 __all__ = [
-    "check_percentile_budget",
+    "BudgetRule",
+    "TokenBudget",
     "cumulative_count",
     "descending_rank",
     "fixed_keep",
@@ -93,12 +100,80 @@ def keep_top(scores: Tensor, valid: Tensor, count: Tensor) -> Tensor:
     return (descending_rank(scores, valid) < count[:, None]) & valid
 
 
-def check_percentile_budget(method: str, threshold: str, q: float, tau: float | None) -> None:
-    """Raise a ValueError unless ``threshold`` is ``percentile`` with ``q`` in ``(0, 100)``."""
-    if threshold != "percentile" or tau is not None:
-        raise ValueError(
-            f"{method} keeps a fixed token count per point and supports only percentile thresholds "
-            f"(threshold=percentile25|50|75); got threshold={threshold!r}, tau={tau!r}"
-        )
-    if not 0 < q < 100:
-        raise ValueError(f"{method}: percentile q must lie in (0, 100), got {q!r}")
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many tokens a selector keeps at each pruning point (config ``pruning.budget``).
+
+    Args:
+        rule: ``percentile`` keeps ``n - floor(q n / 100)`` per image (a top-k, so ties cannot change the
+            count); ``fixed`` keeps the tokens with score ``> tau`` (Eq. 5), an image-dependent count.
+        q: percentile of the alive tokens pruned, in ``(0, 100)``; only with ``rule=percentile``, where
+            ``None`` means the paper's 25.
+        tau: score threshold, in ``(0, 1)``; only with ``rule=fixed``.
+        min_keep: every image keeps at least ``min(min_keep, n)`` tokens, the highest-scoring; at least 1
+            (an image keeping no token has no attention key).
+
+    Raises:
+        ValueError: naming the ``pruning.budget`` key, for an unknown rule, a value out of range, or a
+            value the rule does not use (a set ``tau`` with ``percentile`` would otherwise be ignored).
+    """
+
+    rule: BudgetRule = "percentile"
+    q: float | None = None
+    tau: float | None = None
+    min_keep: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rule not in get_args(BudgetRule):
+            raise ValueError(f"pruning.budget.rule must be one of {get_args(BudgetRule)}, got {self.rule!r}")
+        if self.rule == "percentile":
+            if self.q is None:
+                object.__setattr__(self, "q", 25)
+            if not 0 < self.q < 100:
+                raise ValueError(f"pruning.budget.q (percentile) must lie in (0, 100), got {self.q!r}")
+            if self.tau is not None:
+                raise ValueError(
+                    f"pruning.budget.tau={self.tau!r} is not used with rule=percentile (it keeps q % of the "
+                    "tokens); remove it, or choose a fixed threshold (threshold=fixed0.3)"
+                )
+        else:
+            if self.tau is None or not 0 < self.tau < 1:
+                raise ValueError(f"pruning.budget.tau (fixed threshold) must lie in (0, 1), got {self.tau!r}")
+            if self.q is not None:
+                raise ValueError(
+                    f"pruning.budget.q={self.q!r} is not used with rule=fixed (it keeps the tokens with "
+                    "s > tau); set pruning.budget.q=null, or choose a percentile (threshold=percentile25)"
+                )
+        if self.min_keep < 1:
+            raise ValueError(
+                f"pruning.budget.min_keep must be >= 1 (an image keeping no token has no attention key), "
+                f"got {self.min_keep!r}"
+            )
+
+    @property
+    def label(self) -> str:
+        """The Table II row of this budget: ``q=25`` or ``tau=0.3``."""
+        return f"q={self.q:g}" if self.rule == "percentile" else f"tau={self.tau:g}"
+
+    def require_count(self, method: str) -> TokenBudget:
+        """Return ``self`` if it keeps a fixed count per point; otherwise raise naming ``method``."""
+        if self.rule != "percentile":
+            raise ValueError(
+                f"{method} keeps a fixed token count per point and supports only percentile budgets "
+                f"(threshold=percentile25|50|75); got pruning.budget.rule={self.rule!r}, tau={self.tau!r}"
+            )
+        return self
+
+    def keep(self, scores: Tensor, valid: Tensor) -> Tensor:
+        """``(B, N)`` bool keep mask of ``scores`` ``(B, N)`` over the ``valid`` ``(B, N)`` slots."""
+        if self.rule == "percentile":
+            return percentile_keep(scores, valid, self.q, self.min_keep)
+        return fixed_keep(scores, valid, self.tau, self.min_keep)
+
+    def keep_count(self, n: Tensor, points: int = 1) -> Tensor:
+        """``(B,)`` long: tokens kept of ``n`` ``(B,)`` after ``points`` percentile points (no min_keep)."""
+        return cumulative_count(n, self.require_count("keep_count").q, points)
+
+    def pruned_count(self, n: Tensor) -> Tensor:
+        """``(B,)`` long: ``floor(q n / 100)``, the tokens one point removes of ``n`` ``(B,)``."""
+        return n - self.keep_count(n)

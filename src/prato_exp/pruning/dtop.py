@@ -98,7 +98,6 @@ class DToPPruner(TokenPruner):
         mode, fill: execution of the keep mask (``fill=zero`` is DToP's zeroing of exited tokens).
         context: the backbone's pruning context (``num_classes`` for the head).
         exit_warmup_steps: training steps without exits (heads learn first, the original's first stage).
-        threshold, q, tau: refused (the ``threshold`` group does not apply to DToP).
     """
 
     def __init__(
@@ -111,15 +110,7 @@ class DToPPruner(TokenPruner):
         fill: FillMode = "zero",
         context: PrunerContext | None = None,
         exit_warmup_steps: int = 0,
-        threshold: str | None = None,
-        q: float | None = None,
-        tau: float | None = None,
     ) -> None:
-        if threshold is not None or q is not None or tau is not None:
-            raise ValueError(
-                "dtop has no token budget (tokens exit by confidence): set pruning.p0 and pruning.k_keep "
-                f"instead of a threshold choice (got threshold={threshold!r}, q={q!r}, tau={tau!r})"
-            )
         if context is None:
             raise ValueError("dtop needs the class count: build it as pruner(dim=..., context=PrunerContext)")
         if not 0 < p0 <= 1:

@@ -53,7 +53,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.predictors import LocalGlobalScorer
 from prato_exp.tokens.token_set import TokenSet
 
@@ -63,29 +63,26 @@ class DynamicViTPruner(TokenPruner):
 
     Args:
         dim: token channels ``C``.
-        q: percentile of the alive tokens pruned at each point (sets ``rho_p`` and the inference count).
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile of the alive tokens pruned at each point, default 25 (it sets ``rho_p`` and the
+            inference count).
         ratio_weight: weight of the keep-ratio loss (paper: 2.0), divided by the number of points.
         gumbel_tau: Gumbel-softmax temperature (paper: 1).
-        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
         mode, fill: execution of the inference keep mask.
-        min_keep: tokens always kept per image at inference.
         context: the backbone's pruning context (point index and count set ``rho_p``).
     """
 
     def __init__(
         self,
         dim: int,
-        q: float = 25,
+        budget: TokenBudget | None = None,
         ratio_weight: float = 2.0,
         gumbel_tau: float = 1.0,
-        threshold: str = "percentile",
-        tau: float | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("dynamicvit", threshold, q, tau)
+        budget = (budget or TokenBudget()).require_count("pruning=dynamicvit")
         if fill != "zero":
             raise ValueError(
                 f"dynamicvit zeroes dropped places in training; fill must be 'zero', got {fill!r}"
@@ -95,20 +92,20 @@ class DynamicViTPruner(TokenPruner):
                 f"dynamicvit runs its own masked attention in training; mode must be 'drop', got {mode!r}"
             )
         super().__init__(mode=mode, fill=fill)
-        self.q = q
+        self.budget = budget
         self.ratio_weight = ratio_weight
         self.gumbel_tau = gumbel_tau
-        self.min_keep = min_keep
         self.point_index = context.point_index if context is not None else 0
         self.num_points = context.num_points if context is not None else 1
         self.predictor = LocalGlobalScorer(dim, out_features=2)
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, ratio_weight={self.ratio_weight}, point={self.point_index}/{self.num_points}"
+        point = f"{self.point_index}/{self.num_points}"
+        return f"q={self.budget.q}, ratio_weight={self.ratio_weight}, point={point}"
 
     def target_ratio(self) -> float:
         """``rho_p``: the cumulative fraction of the grid kept after this point."""
-        return (1.0 - self.q / 100.0) ** (self.point_index + 1)
+        return (1.0 - self.budget.q / 100.0) ** (self.point_index + 1)
 
     def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Training: a Gumbel hard sample of the policy and the ratio loss; inference: top-k keep."""
@@ -117,7 +114,7 @@ class DynamicViTPruner(TokenPruner):
         log_probs = self.predictor(tokens, prev).log_softmax(dim=-1)
         scores = log_probs[..., 0].exp()
         if not self.training:
-            keep = percentile_keep(scores, valid, self.q, self.min_keep)
+            keep = self.budget.keep(scores, valid)
             return PruneResult(keep=keep, scores=scores.detach())
         sample = F.gumbel_softmax(log_probs.float(), tau=self.gumbel_tau, hard=True)[..., 0]
         policy = sample.to(tokens.dtype) * prev * valid.to(tokens.dtype)

@@ -46,7 +46,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, cumulative_count, keep_top
+from prato_exp.pruning.budget import TokenBudget, keep_top
 from prato_exp.tokens.attention_mask import KeyMask
 from prato_exp.tokens.blocks import BlockParts
 from prato_exp.tokens.token_set import TokenSet, gather_slots, kept_order, scatter_slots, write_to_grid
@@ -76,16 +76,16 @@ class EvoViTPruner(TokenPruner):
 
     Args:
         dim: token channels (unused: no parameters).
-        q: percentile pruned per point (PrATo's count, applied cumulatively over points).
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile pruned per point, default 25 (PrATo's count, applied cumulatively over points).
         momentum: ``lam`` of the global attention update inside a stage (official: 0.5).
         representative: update placeholders by the representative token's residuals (the paper);
             False freezes them (the official DeiT code).
-        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
         mode, fill: Evo-ViT keeps the full grid; ``mode`` must be ``drop`` (the default).
         context: the backbone's pruning context (point index for the cumulative count).
     """
 
-    rescorable = frozenset({"q"})
+    rescorable = frozenset({"budget"})
 
     needs_attention = True
     plain_vit_only = (
@@ -97,28 +97,26 @@ class EvoViTPruner(TokenPruner):
     def __init__(
         self,
         dim: int | None = None,
-        q: float = 25,
+        budget: TokenBudget | None = None,
         momentum: float = 0.5,
         representative: bool = True,
-        threshold: str = "percentile",
-        tau: float | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("evovit", threshold, q, tau)
+        budget = (budget or TokenBudget()).require_count("pruning=evovit")
         if mode != "drop":
             raise ValueError(f"evovit runs its own slow-fast blocks; mode must be 'drop', got {mode!r}")
         if not 0 <= momentum <= 1:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         super().__init__(mode=mode, fill=fill)
-        self.q = q
+        self.budget = budget
         self.momentum = momentum
         self.representative = representative
         self.point_index = context.point_index if context is not None else 0
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, momentum={self.momentum}, representative={self.representative}"
+        return f"q={self.budget.q}, momentum={self.momentum}, representative={self.representative}"
 
     def attention_score(self, weights: Tensor, valid: Tensor) -> Tensor:
         """The attention each key receives from the average query."""
@@ -142,7 +140,7 @@ class EvoViTPruner(TokenPruner):
             "Evo-ViT observes the attention of the blocks before it"
         )
         g = state.carried.global_attn
-        count = cumulative_count(valid.sum(dim=1), self.q, self.point_index + 1)
+        count = self.budget.keep_count(valid.sum(dim=1), self.point_index + 1)
         keep = keep_top(g, valid, count.clamp_min(1))
         return PruneResult(keep=keep, scores=g, carried=EvoViTState(g))
 

@@ -58,10 +58,9 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import fixed_keep, percentile_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.tokens.token_set import TokenSet
 
-ThresholdMode = Literal["percentile", "fixed"]
 QueryMode = Literal["roialign", "naive"]
 
 
@@ -302,90 +301,55 @@ class PrATo(TokenPruner):
         dim: token channels ``C``.
         k: RoIAlign output size; ``M = k * k`` queries.
         d_v: projection width of ``f1`` and ``f2``.
-        threshold: ``"percentile"`` (prune ``q`` % of the valid tokens per image) or ``"fixed"``
-            (keep ``s > tau``).
-        q: percentile to prune, in ``(0, 100)``; percentile mode only (None there means 25).
-        tau: threshold in ``(0, 1)``; fixed mode only, where it is required.
+        budget: how many tokens to keep: a percentile (prune ``q`` % of the valid tokens per image) or a
+            fixed threshold (keep ``s > tau``), with ``min_keep`` (default: prune 25 %).
         entropy: False for the "w/o entropy" ablation (``Omega = 1``).
         query: ``"roialign"`` or ``"naive"`` (tokens with centres in the box).
         mode: how the backbone executes the keep mask (see :mod:`prato_exp.pruning.base`).
         fill: what pruned places hold when scattered back.
         ste: return the straight-through ``token_scale`` so ``f1`` and ``f2`` train.
         soft: keep every token and scale it by ``s`` (requires ``mode="zero_once"``).
-        min_keep: tokens always kept per image, the highest-scoring.
         context: what the backbone tells its pruners (unused: PrATo needs only ``dim``).
     """
 
-    rescorable = frozenset({"threshold", "q", "tau", "k", "min_keep", "mode"})
+    rescorable = frozenset({"budget", "k", "mode"})
 
     def __init__(
         self,
         dim: int,
         k: int = 5,
         d_v: int = 64,
-        threshold: ThresholdMode = "percentile",
-        q: float | None = None,
-        tau: float | None = None,
+        budget: TokenBudget | None = None,
         entropy: bool = True,
         query: QueryMode = "roialign",
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
         ste: bool = True,
         soft: bool = False,
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
         if dim < 1 or k < 1 or d_v < 1:
             raise ValueError(f"dim, k and d_v must be positive, got dim={dim}, k={k}, d_v={d_v}")
-        if threshold not in get_args(ThresholdMode):
-            raise ValueError(f"pruning.threshold must be one of {get_args(ThresholdMode)}, got {threshold!r}")
-        if threshold == "percentile":
-            q = 25 if q is None else q
-            if not 0 < q < 100:
-                raise ValueError(f"pruning.q (percentile) must lie in (0, 100), got {q!r}")
-            if tau is not None:
-                raise ValueError(
-                    f"pruning.tau={tau!r} is not used with threshold=percentile (it keeps q % of the "
-                    "tokens); remove it, or choose a fixed threshold (threshold=fixed0.3)"
-                )
-        else:
-            if tau is None or not 0 < tau < 1:
-                raise ValueError(f"pruning.tau (fixed threshold) must lie in (0, 1), got {tau!r}")
-            if q is not None:
-                raise ValueError(
-                    f"pruning.q={q!r} is not used with threshold=fixed (it keeps tokens with s > tau); "
-                    "set pruning.q=null, or choose a percentile threshold (threshold=percentile25)"
-                )
         if query not in get_args(QueryMode):
             raise ValueError(f"pruning.query must be one of {get_args(QueryMode)}, got {query!r}")
         if soft and mode != "zero_once":
             raise ValueError(f"pruning.soft=true requires pruning.mode=zero_once, got mode={mode!r}")
-        if min_keep < 1:
-            raise ValueError(
-                f"pruning.min_keep must be >= 1 (an image keeping no token has no attention key), "
-                f"got {min_keep}"
-            )
         super().__init__(mode=mode, fill=fill)
         self.dim = dim
         self.k = k
         self.d_v = d_v
-        self.threshold: ThresholdMode = threshold
-        self.q = q
-        self.tau = tau
+        self.budget = budget if budget is not None else TokenBudget()
         self.entropy = entropy
         self.query: QueryMode = query
         self.ste = ste
         self.soft = soft
-        self.min_keep = min_keep
         self.f1 = nn.Linear(dim, d_v, bias=False)
         self.f2 = nn.Linear(dim, d_v, bias=False)
 
     def extra_repr(self) -> str:
-        cut = f"q={self.q}" if self.threshold == "percentile" else f"tau={self.tau}"
         return (
-            f"k={self.k}, d_v={self.d_v}, threshold={self.threshold}, {cut}, entropy={self.entropy}, "
-            f"query={self.query}, mode={self.mode}, fill={self.fill}, ste={self.ste}, soft={self.soft}, "
-            f"min_keep={self.min_keep}"
+            f"k={self.k}, d_v={self.d_v}, budget={self.budget}, entropy={self.entropy}, "
+            f"query={self.query}, mode={self.mode}, fill={self.fill}, ste={self.ste}, soft={self.soft}"
         )
 
     def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
@@ -417,11 +381,7 @@ class PrATo(TokenPruner):
             keep = valid.clone()
             token_scale: Tensor | None = s.to(tokens.dtype)
         else:
-            if self.threshold == "percentile":
-                keep = percentile_keep(s, valid, self.q, self.min_keep)
-            else:
-                assert self.tau is not None
-                keep = fixed_keep(s, valid, self.tau, self.min_keep)
+            keep = self.budget.keep(s, valid)
             token_scale = (keep.to(s.dtype) + (s - s.detach())).to(tokens.dtype) if self.ste else None
         if query_mask is None:
             query_mask = torch.ones_like(out.entropy, dtype=torch.bool)

@@ -23,7 +23,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.tokens.token_set import TokenSet
 
 
@@ -32,38 +32,33 @@ class RandomPruner(TokenPruner):
 
     Args:
         dim: token channels (unused: random masking has no parameters).
-        q: percentile of the alive tokens pruned at each point.
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile of the alive tokens pruned at each point (default 25).
         seed: seed of the evaluation stream (the point index is added, so points differ).
-        threshold, tau: the ``threshold`` config group's keys; only ``percentile`` is accepted.
         mode, fill: execution of the keep mask (see :mod:`prato_exp.pruning.base`).
-        min_keep: tokens always kept per image.
         context: the backbone's pruning context (for the point index).
     """
 
-    rescorable = frozenset({"q", "seed", "mode"})
+    rescorable = frozenset({"budget", "seed", "mode"})
 
     def __init__(
         self,
         dim: int | None = None,
-        q: float = 25,
+        budget: TokenBudget | None = None,
         seed: int = 0,
-        threshold: str = "percentile",
-        tau: float | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("random", threshold, q, tau)
+        budget = (budget or TokenBudget()).require_count("pruning=random")
         super().__init__(mode=mode, fill=fill)
-        self.q = q
-        self.min_keep = min_keep
+        self.budget = budget
         self.seed = seed + (context.point_index if context is not None else 0)
         self.generator = torch.Generator()
         self.reset_rng()
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, seed={self.seed}, mode={self.mode}, fill={self.fill}"
+        return f"q={self.budget.q}, seed={self.seed}, mode={self.mode}, fill={self.fill}"
 
     def reset_rng(self) -> None:
         """Restart the random stream at ``seed``."""
@@ -75,4 +70,4 @@ class RandomPruner(TokenPruner):
         generator = None if self.training else self.generator
         scores = torch.rand(valid.shape, generator=generator).to(valid.device)
         scores = scores.masked_fill(~valid, 0.0)
-        return PruneResult(keep=percentile_keep(scores, valid, self.q, self.min_keep), scores=scores)
+        return PruneResult(keep=self.budget.keep(scores, valid), scores=scores)

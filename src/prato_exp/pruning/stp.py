@@ -56,7 +56,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.pruning.predictors import LocalGlobalScorer
 from prato_exp.tokens.token_set import TokenSet, write_to_grid
 
@@ -114,14 +114,13 @@ class STPPruner(TokenPruner):
 
     Args:
         dim: token channels ``C``.
-        q: percentile of the alive tokens pruned at each point.
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile of the alive tokens pruned at each point (default 25).
         gumbel_tau: temperature of the perturbed softmax (official ``tp_tau`` 1.0).
         perturbation: ``gumbel`` (official) or ``none`` (the same soft top-K without noise).
         assembly: build the MTA (needs ``fill=carry``); False leaves the decoder the filled grid.
         mta_width, mta_depth, mta_heads: MTA size (width defaults to ``dim``).
-        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
         mode, fill: execution of the keep mask.
-        min_keep: tokens always kept per image.
         context: the backbone's pruning context (grid and points for the MTA).
     """
 
@@ -130,23 +129,18 @@ class STPPruner(TokenPruner):
     def __init__(
         self,
         dim: int,
-        q: float = 25,
+        budget: TokenBudget | None = None,
         gumbel_tau: float = 1.0,
         perturbation: str = "gumbel",
         assembly: bool = True,
         mta_width: int | None = None,
         mta_depth: int = 1,
         mta_heads: int = 8,
-        threshold: str = "percentile",
-        tau: float | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "carry",
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("stp", threshold, q, tau)
-        if min_keep < 1:
-            raise ValueError(f"pruning.min_keep must be >= 1, got {min_keep}")
+        budget = (budget or TokenBudget()).require_count("pruning=stp")
         if perturbation not in ("gumbel", "none"):
             raise ValueError(f"perturbation must be 'gumbel' or 'none', got {perturbation!r}")
         if assembly and (fill != "carry" or context is None):
@@ -155,10 +149,9 @@ class STPPruner(TokenPruner):
                 f"(pruner(dim=..., context=...)); got fill={fill!r}"
             )
         super().__init__(mode=mode, fill=fill)
-        self.q = q
+        self.budget = budget
         self.gumbel_tau = gumbel_tau
         self.perturbation = perturbation
-        self.min_keep = min_keep
         self.predictor = LocalGlobalScorer(dim, out_features=1)
         self.assemblers = nn.ModuleList()
         if assembly and context is not None and context.point_index == 0:
@@ -170,21 +163,21 @@ class STPPruner(TokenPruner):
                 )
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, gumbel_tau={self.gumbel_tau}, perturbation={self.perturbation}"
+        return f"q={self.budget.q}, gumbel_tau={self.gumbel_tau}, perturbation={self.perturbation}"
 
     def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Soft top-K with a straight-through scale in training, hard top-K of ``s`` at inference."""
         tokens, grid_hw, positions, valid = alive.tokens, alive.grid_hw, alive.positions, alive.valid
         log_scores = F.logsigmoid(self.predictor(tokens, valid.to(tokens.dtype))[..., 0]).float()
         if not self.training:
-            keep = percentile_keep(log_scores, valid, self.q, self.min_keep)
+            keep = self.budget.keep(log_scores, valid)
             return PruneResult(keep=keep, scores=log_scores.exp().detach())
         perturbed = log_scores
         if self.perturbation == "gumbel":
             uniform = torch.rand_like(log_scores).clamp(1e-10, 1 - 1e-10)
             perturbed = log_scores - torch.log(-torch.log(uniform))
         soft = (perturbed / self.gumbel_tau).masked_fill(~valid, -math.inf).softmax(dim=1)
-        keep = percentile_keep(soft, valid, self.q, self.min_keep)
+        keep = self.budget.keep(soft, valid)
         delta = soft - soft.detach()
         ones = torch.ones(tokens.shape[0], grid_hw[0] * grid_hw[1], dtype=delta.dtype, device=delta.device)
         pruned_scale = write_to_grid(

@@ -44,7 +44,7 @@ from prato_exp.pruning.base import (
     TokenMerge,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, descending_rank, percentile_keep_count
+from prato_exp.pruning.budget import TokenBudget, descending_rank
 from prato_exp.tokens.token_set import TokenSet
 
 
@@ -98,41 +98,39 @@ class ToMeMerger(TokenPruner):
 
     Args:
         dim: token channels (unused: merging has no parameters).
-        q: percentile of the alive tokens merged away at each point, in ``(0, 50]``.
-        threshold, tau: the ``threshold`` config group's keys; only ``percentile`` is accepted.
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile of the alive tokens merged away at each point, in ``(0, 50]`` (default 25).
+            Its ``min_keep`` is unused: a round keeps at least the B half.
         mode: ``drop`` (the later blocks run on the reduced set) or ``mask`` (its exact emulation on the
             grid); ``zero_once`` has no meaning for merging and is refused.
         fill: what non-merged pruned places hold (none here: every removed token is merged).
-        min_keep: unused (a round keeps at least the B half); accepted like every pruner's.
         context: the backbone's pruning context (unused).
     """
 
-    rescorable = frozenset({"q", "mode"})
+    rescorable = frozenset({"budget", "mode"})
 
     def __init__(
         self,
         dim: int | None = None,
-        q: float = 25,
-        threshold: str = "percentile",
-        tau: float | None = None,
+        budget: TokenBudget | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("tome", threshold, q, tau)
-        if q > 50:
+        budget = (budget or TokenBudget()).require_count("pruning=tome")
+        if budget.q > 50:
             raise ValueError(
-                f"pruning.q={q}: one bipartite round of ToMe merges at most half the tokens (side A); "
+                f"pruning.budget.q={budget.q}: one bipartite round of ToMe merges at most half the tokens "
+                "(side A); "
                 "use q <= 50 or more pruning points (model.prune_after)"
             )
         if mode == "zero_once":
             raise ValueError("pruning.mode=zero_once has no meaning for token merging; use drop or mask")
         super().__init__(mode=mode, fill=fill)
-        self.q = q
+        self.budget = budget
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, mode={self.mode}"
+        return f"q={self.budget.q}, mode={self.mode}"
 
     def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
         """Match A to B, merge the most similar A tokens; ``scores`` = 1 - similarity to the partner."""
@@ -142,7 +140,7 @@ class ToMeMerger(TokenPruner):
         side_a, side_b = bipartite_sides(valid)
         best, partner = match(tokens, side_a, side_b)
         n = valid.sum(dim=1)
-        count = torch.minimum(n - percentile_keep_count(n, self.q), side_a.sum(dim=1))
+        count = torch.minimum(self.budget.pruned_count(n), side_a.sum(dim=1))
         merged = side_a & (descending_rank(best, side_a) < count[:, None])
         merged_tokens, new_size, target = merge_tokens(tokens, size * valid, merged, partner)
         scores = torch.where(side_a, 1.0 - best.clamp(min=-1.0), torch.ones_like(best)) * valid

@@ -47,7 +47,7 @@ from prato_exp.pruning.base import (
     PruneResult,
     TokenPruner,
 )
-from prato_exp.pruning.budget import check_percentile_budget, percentile_keep
+from prato_exp.pruning.budget import TokenBudget
 from prato_exp.tokens.token_set import TokenSet
 
 
@@ -71,36 +71,31 @@ class TRAMPruner(TokenPruner):
 
     Args:
         dim: token channels (unused).
-        q: percentile of the alive tokens pruned at each point.
-        threshold, tau: the ``threshold`` group's keys; only ``percentile`` is accepted.
+        budget: the token budget; only its percentile rule applies (a count per point): ``q`` is the
+            percentile of the alive tokens pruned at each point (default 25).
         mode, fill: execution of the keep mask.
-        min_keep: tokens always kept per image.
         context: the backbone's pruning context (``depth`` weighs the layers).
     """
 
-    rescorable = frozenset({"q", "mode"})
+    rescorable = frozenset({"budget", "mode"})
 
     needs_attention = True
 
     def __init__(
         self,
         dim: int | None = None,
-        q: float = 25,
-        threshold: str = "percentile",
-        tau: float | None = None,
+        budget: TokenBudget | None = None,
         mode: PruneMode = "drop",
         fill: FillMode = "zero",
-        min_keep: int = 1,
         context: PrunerContext | None = None,
     ) -> None:
-        check_percentile_budget("tram", threshold, q, tau)
+        budget = (budget or TokenBudget()).require_count("pruning=tram")
         super().__init__(mode=mode, fill=fill)
-        self.q = q
-        self.min_keep = min_keep
+        self.budget = budget
         self.depth = context.depth if context is not None else 12
 
     def extra_repr(self) -> str:
-        return f"q={self.q}, depth={self.depth}, mode={self.mode}, fill={self.fill}"
+        return f"q={self.budget.q}, depth={self.depth}, mode={self.mode}, fill={self.fill}"
 
     def attention_score(self, weights: Tensor, valid: Tensor) -> Tensor:
         """``r_l`` of one block (per window in Swin: the attention graph is block-diagonal there)."""
@@ -119,5 +114,5 @@ class TRAMPruner(TokenPruner):
         valid = alive.valid
         assert isinstance(state.carried, TRAMState), "TRAM observes the attention of the blocks before it"
         centrality = state.carried.centrality.masked_fill(~valid, 0.0)
-        keep = percentile_keep(centrality, valid, self.q, self.min_keep)
+        keep = self.budget.keep(centrality, valid)
         return PruneResult(keep=keep, scores=centrality, carried=TRAMState(centrality))
