@@ -317,6 +317,18 @@ def test_rerun_gives_identical_tables(runs, out, tmp_path):
             assert (tmp_path / f"{name}{ext}").read_bytes() == (out / f"{name}{ext}").read_bytes()
 
 
+def test_a_hand_written_discussion_goes_under_its_table_and_survives_a_rerun(runs, tmp_path):
+    (tmp_path / "discussion").mkdir()
+    (tmp_path / "discussion" / "table1_components_acdc.md").write_text("k = 5 holds at this scale.\n")
+    report([runs], tmp_path, figures=False)
+    first = (tmp_path / "table1_components_acdc.md").read_text()
+    table, discussion = first.split("### Discussion")
+    assert "| PrATo (ours) |" in table and "k = 5 holds at this scale." in discussion
+    report([runs], tmp_path, figures=False)
+    assert (tmp_path / "table1_components_acdc.md").read_text() == first
+    assert "### Discussion" not in (tmp_path / "table6_prompts_acdc.md").read_text()
+
+
 def _archive_script(*args: str) -> subprocess.CompletedProcess:
     script = Path(__file__).resolve().parents[1] / "scripts" / "archive_runs.py"
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)

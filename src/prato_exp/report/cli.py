@@ -7,8 +7,10 @@ Finds every ``metrics.json`` below the given folders, groups the runs by ``repor
     DIR/<table>_<dataset>.md, .csv  one table in the paper's layout
     DIR/figures/fig*.png, .pdf      Figs. 3-9 (and sample panels of the other tables)
 
-Tables are byte-identical when rerun on the same folders. A folder with no run, or a run without a
-``report`` block, is an error (``--allow-incomplete`` turns it into a printed warning naming it).
+A hand-written discussion of a table, ``DIR/discussion/<table>_<dataset>.md`` where it exists, is placed
+under that table (after a rule, marked as written by hand), so a rerun keeps it. Tables are
+byte-identical when rerun on the same folders. A folder with no run, or a run without a ``report``
+block, is an error (``--allow-incomplete`` turns it into a printed warning naming it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pathlib import Path
 from prato_exp.report.figures import Figure, write_figures
 from prato_exp.report.runs import ReportError, load_runs
 from prato_exp.report.tables import DATASET_TITLES, group_runs, summarize, to_csv, to_markdown
+
+DISCUSSION_DIR = "discussion"
+"""Folder under ``--out`` holding the hand-written discussion of each table (``<table>_<dataset>.md``)."""
 
 PAPER_FIGURES = {
     "fig3": "table4 (ACDC)",
@@ -71,7 +76,7 @@ def report(
     sections: list[str] = []
     for group in groups:
         summary = summarize(group)
-        markdown = to_markdown(summary)
+        markdown = to_markdown(summary) + _discussion(out / DISCUSSION_DIR / f"{group.name}.md")
         (out / f"{group.name}.md").write_text(markdown)
         (out / f"{group.name}.csv").write_text(to_csv(summary))
         tables.append(out / f"{group.name}.md")
@@ -91,6 +96,17 @@ def report(
         print(f"note: figure not drawn: {line}", file=sys.stderr)
     print(f"wrote {len(tables)} table(s) and {len(written)} figure(s) to {out} (index: {out / 'index.md'})")
     return {"tables": tables, "figures": written, "missing": missing, "problems": problems}
+
+
+def _discussion(path: Path) -> str:
+    """The hand-written discussion at ``path`` as a block to put under its table; "" when there is none."""
+    if not path.is_file():
+        return ""
+    text = path.read_text().strip()
+    return (
+        f"\n---\n\n### Discussion\n\n*Written by hand (`{DISCUSSION_DIR}/{path.name}`); its figures are "
+        f"copied from the table above.*\n\n{text}\n"
+    )
 
 
 def _index(groups, sections, figures, missing, problems, out: Path) -> str:
