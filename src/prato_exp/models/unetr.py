@@ -15,9 +15,18 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
+from prato_exp.models.decoder_window import GridWindow, background_logits
 from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory, grid_module_names
+
+DECODER_MODULES = ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3")
+DECODER_MODULES += ("decoder2", "out")
+"""MONAI UNETR's convolutional modules, all of which the decoder window crops."""
+
+
+def _whole(x: Tensor) -> Tensor:
+    return x
 
 
 class PrunableUNETR(nn.Module):
@@ -37,6 +46,10 @@ class PrunableUNETR(nn.Module):
         pretrained: optional local path of a state dict (never downloaded).
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
+        decoder_window: None (off: the paper's dense decoder) or a margin in tokens: while a pruner is
+            active, the convolutional encoders and the decoder run only on the tokens under the box
+            dilated by this margin, and the rest of the image is background
+            (:mod:`prato_exp.models.decoder_window`).
     """
 
     display_name = "UNETR"
@@ -60,8 +73,11 @@ class PrunableUNETR(nn.Module):
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
+        decoder_window: int | None = None,
     ) -> None:
         super().__init__()
+        if decoder_window is not None and decoder_window < 0:
+            raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
             raise ValueError(f"UNETR needs an input side divisible by its patch size 16, got {img_size}")
         self.unetr = UNETR(
@@ -89,6 +105,8 @@ class PrunableUNETR(nn.Module):
         self.pruners = build_pruners(
             pruner, self.prune_after, hidden_size, num_classes=out_channels, grid_hw=self.grid_hw, depth=depth
         )
+        self.decoder_window = decoder_window
+        self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.unetr, pretrained, ignore=pretrained_ignore)
 
@@ -109,22 +127,35 @@ class PrunableUNETR(nn.Module):
             box_xyxy=box_xyxy,
             prune_enabled=prune_enabled,
         )
+        window = self.window(image, box_xyxy)
+        crop = window.crop if window is not None else _whole
         skip2, skip3, skip4 = (encoded.skips[i] for i in self.skip_blocks)
-        enc1 = net.encoder1(image)
-        enc2 = net.encoder2(net.proj_feat(skip2))
-        enc3 = net.encoder3(net.proj_feat(skip3))
-        enc4 = net.encoder4(net.proj_feat(skip4))
-        dec3 = net.decoder5(net.proj_feat(encoded.final), enc4)
+        enc1 = net.encoder1(crop(image))
+        enc2 = net.encoder2(crop(net.proj_feat(skip2)))
+        enc3 = net.encoder3(crop(net.proj_feat(skip3)))
+        enc4 = net.encoder4(crop(net.proj_feat(skip4)))
+        dec3 = net.decoder5(crop(net.proj_feat(encoded.final)), enc4)
         dec2 = net.decoder4(dec3, enc3)
         dec1 = net.decoder3(dec2, enc2)
         logits = net.out(net.decoder2(dec1, enc1))
+        if window is not None:
+            logits = window.paste(logits, self.background)
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
+
+    def window(self, image: Tensor, box_xyxy: Tensor | None) -> GridWindow | None:
+        """Where the decoder runs: the dilated boxes while a pruner is active, else None (everywhere)."""
+        pruning = any(p.active for p in self.pruners.values())
+        if self.decoder_window is None or box_xyxy is None or not pruning:
+            return None
+        window = GridWindow.around_boxes(box_xyxy, image.shape[-2:], self.grid_hw, self.decoder_window)
+        return None if window.is_full else window
 
     def pruned_part(self) -> list[str]:
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
         first = self.prune_after[0] if self.prune_after else len(self.unetr.vit.blocks)
         blocks = [f"unetr.vit.blocks.{i}" for i in range(first, len(self.unetr.vit.blocks))]
-        return blocks + grid_module_names(self.pruners)
+        decoder = [f"unetr.{name}" for name in DECODER_MODULES] if self.decoder_window is not None else []
+        return blocks + grid_module_names(self.pruners) + decoder
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

@@ -56,6 +56,8 @@ class RunRecord:
         commit: ``environment.commit`` or None.
         model, pruner: the model config name and the pruner's class name (from ``config.yaml``).
         prune_points: the model's ``prune_*`` settings, as text (``prune_after=[3]``), or ``""``.
+        decoder_window: the model's ``decoder_window`` margin in tokens (its decoder ran only around the
+            box), or None (dense decoder).
         prompted: True when the run's network reads the box prompt: ``report.prompted`` where given, else
             a PrATo pruner or a truthy model key naming a box (``box_channel: true``).
         samples: the run's figure samples file, or None.
@@ -79,6 +81,7 @@ class RunRecord:
     model: str = ""
     pruner: str = ""
     prune_points: str = ""
+    decoder_window: int | None = None
     prompted: bool = False
     samples: Path | None = None
 
@@ -193,9 +196,10 @@ def load_run(run_dir: Path) -> RunRecord:
         model=(metrics.get("choices") or {}).get("model") or _name_of(model_cfg),
         pruner=pruner,
         prune_points=prune_points if pruner not in ("", "NoPruner") else "",
+        decoder_window=window if (window := model_cfg.get("decoder_window")) is None else int(window),
         prompted=bool(report["prompted"])
         if report.get("prompted") is not None
-        else pruner.lower().startswith("prato") or uses_box,
+        else pruner.lower().startswith("prato") or uses_box or model_cfg.get("decoder_window") is not None,
         samples=samples if samples.is_file() else None,
     )
 

@@ -472,6 +472,13 @@ def caption(summary: TableSummary) -> list[str]:
     points = _values(runs, "prune_points")
     if points:
         lines.append(f"Pruning points: {'; '.join(p for p in points if p)}.")
+    windowed = sorted({(r.row, r.decoder_window) for r in runs if r.decoder_window is not None})
+    if windowed:
+        which = ", ".join(f"{row} (margin {margin})" for row, margin in windowed)
+        lines.append(
+            f"Decoder window: {which} ran the decoder only on the box dilated by that margin in tokens "
+            "and output background elsewhere, so these rows lean on the box prompt beyond token pruning."
+        )
     no_fg = sorted(
         {int(v) for r in runs if (v := _finite(r.metrics.get("counts/slice/no_foreground"))) is not None}
     )

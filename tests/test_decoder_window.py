@@ -1,0 +1,140 @@
+"""The decoder window: a rectangle of the token grid around the box, computed exactly, background outside."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from prato_exp.metrics.efficiency import count_flops
+from prato_exp.models.decoder_window import GridWindow
+from prato_exp.models.unetr import DECODER_MODULES, PrunableUNETR
+from prato_exp.pruning.base import pruning_disabled
+from prato_exp.pruning.budget import TokenBudget
+from prato_exp.pruning.prato import PrATo
+
+SIZE = 128  # 8 x 8 tokens
+BOXES = torch.tensor([[20.0, 40.0, 50.0, 60.0], [70.0, 90.0, 128.0, 128.0]])
+
+
+def test_window_is_the_dilated_box_in_tokens():
+    window = GridWindow.around_boxes(BOXES[:1], (SIZE, SIZE), (8, 8), margin=1)
+    # box rows 40..60 px -> tokens 2..3, dilated 1..4; columns 20..50 px -> tokens 1..3, dilated 0..4
+    assert (window.top.tolist(), window.left.tolist(), window.size_hw) == ([1], [0], (4, 5))
+
+
+def test_every_image_gets_the_batchs_largest_window_inside_the_grid():
+    window = GridWindow.around_boxes(BOXES, (SIZE, SIZE), (8, 8), margin=1)
+    # second box: rows 5..8 dilated 4..8 (4 tokens), columns 4..8 dilated 3..8 (5 tokens)
+    assert window.size_hw == (4, 5)
+    assert window.top.tolist() == [1, 4] and window.left.tolist() == [0, 3]
+
+
+def test_the_window_covers_each_images_dilated_box():
+    torch.manual_seed(0)
+    corners = torch.rand(16, 2, 2) * SIZE
+    boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    window = GridWindow.around_boxes(boxes, (SIZE, SIZE), (8, 8), margin=1)
+    inside = window.mask(16)[:, 0]
+    for b, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        r0, c0 = max(int(y0 // 16) - 1, 0), max(int(x0 // 16) - 1, 0)
+        r1, c1 = min(-int(-y1 // 16) + 1, 8), min(-int(-x1 // 16) + 1, 8)
+        assert inside[b, r0 * 16 : r1 * 16, c0 * 16 : c1 * 16].all()
+
+
+def test_paste_puts_the_crop_back_and_fills_the_rest():
+    window = GridWindow.around_boxes(BOXES, (SIZE, SIZE), (8, 8), margin=0)
+    x = torch.randn(2, 3, 32, 32)  # 4 pixels per token
+    fill = torch.tensor([1.0, 2.0, 3.0])
+    pasted = window.paste(window.crop(x), fill)
+    inside = window.mask(4).expand_as(x)
+    assert torch.equal(pasted[inside], x[inside])
+    assert torch.equal(pasted[~inside], fill.view(1, 3, 1, 1).expand_as(x)[~inside])
+
+
+def test_a_negative_margin_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"model\.decoder_window must be >= 0"):
+        PrunableUNETR(1, 3, img_size=SIZE, hidden_size=48, mlp_dim=96, num_heads=3, decoder_window=-1)
+
+
+def _net(decoder_window=None, norm_name="batch") -> PrunableUNETR:
+    torch.manual_seed(0)
+    return PrunableUNETR(
+        1,
+        3,
+        img_size=SIZE,
+        hidden_size=48,
+        mlp_dim=96,
+        num_heads=3,
+        feature_size=8,
+        norm_name=norm_name,
+        pruner=partial(PrATo, budget=TokenBudget(q=50)),
+        decoder_window=decoder_window,
+    )
+
+
+def _randomise_norms(net: nn.Module) -> None:
+    """Give batch norms non-trivial running statistics, so evaluation is not the identity."""
+    torch.manual_seed(2)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+
+
+def _masked_dense(net: PrunableUNETR, window: GridWindow) -> list:
+    """Make every decoder convolution of ``net`` read zeros outside ``window``: the exact reference."""
+
+    def mask_input(module, args):
+        x = args[0]
+        return (x * window.mask(x.shape[-2] // 8).to(x.dtype), *args[1:])
+
+    handles = []
+    for name in DECODER_MODULES:
+        for module in getattr(net.unetr, name).modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                handles.append(module.register_forward_pre_hook(mask_input))
+    return handles
+
+
+def test_windowed_decoding_equals_the_masked_dense_decoder_inside_and_is_background_outside():
+    windowed, dense = _net(decoder_window=1).eval(), _net().eval()
+    _randomise_norms(windowed)
+    dense.load_state_dict(windowed.state_dict())
+    torch.manual_seed(1)
+    image = torch.rand(2, 1, SIZE, SIZE)
+    window = windowed.window(image, BOXES)
+    assert window is not None and window.size_hw == (4, 5)
+    handles = _masked_dense(dense, window)
+    with torch.no_grad():
+        got, want = windowed(image, BOXES).logits, dense(image, BOXES).logits
+    for handle in handles:
+        handle.remove()
+    inside = window.mask(16).expand_as(got)
+    torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-4)
+    assert bool((got.argmax(dim=1)[~inside[:, 0]] == 0).all())
+
+
+def test_decoder_flops_fall_with_the_window_area():
+    windowed, dense = _net(decoder_window=1).eval(), _net().eval()
+    image = torch.rand(2, 1, SIZE, SIZE)
+    names = [f"unetr.{m}" for m in DECODER_MODULES]
+    got = count_flops(windowed, image, BOXES).flops_under(names)
+    full = count_flops(dense, image, BOXES).flops_under(names)
+    assert got == pytest.approx(full * 20 / 64, rel=1e-9)  # a 4 x 5 window of the 8 x 8 grid
+
+
+def test_without_pruning_the_decoder_runs_everywhere():
+    net = _net(decoder_window=0, norm_name="instance").eval()
+    image = torch.rand(2, 1, SIZE, SIZE)
+    with pruning_disabled(net), torch.no_grad():
+        assert net.window(image, BOXES) is None
+        torch.testing.assert_close(net(image, BOXES).logits, net.reference_forward(image))
+
+
+def test_gradients_reach_the_decoder_and_the_pruner_through_the_window():
+    net = _net(decoder_window=1).train()
+    out = net(torch.rand(2, 1, SIZE, SIZE), BOXES)
+    out.logits.logsumexp(dim=1).mean().backward()
+    assert net.unetr.decoder2.conv_block.conv1.conv.weight.grad.abs().sum() > 0
+    assert net.pruners["3"].f1.weight.grad.abs().sum() > 0
