@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from prato_exp.metrics.efficiency import count_flops
-from prato_exp.models.decoder_window import GridWindow
+from prato_exp.models.decoder_window import GridWindow, pruning_window
+from prato_exp.models.transunet import PrunableTransUNet
 from prato_exp.models.unetr import DECODER_MODULES, PrunableUNETR
 from prato_exp.pruning.base import pruning_disabled
 from prato_exp.pruning.budget import TokenBudget
@@ -103,7 +104,7 @@ def test_windowed_decoding_equals_the_masked_dense_decoder_inside_and_is_backgro
     dense.load_state_dict(windowed.state_dict())
     torch.manual_seed(1)
     image = torch.rand(2, 1, SIZE, SIZE)
-    window = windowed.window(image, BOXES)
+    window = pruning_window(1, windowed.pruners, BOXES, (SIZE, SIZE), (8, 8))
     assert window is not None and window.size_hw == (4, 5)
     handles = _masked_dense(dense, window)
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_without_pruning_the_decoder_runs_everywhere():
     net = _net(decoder_window=0, norm_name="instance").eval()
     image = torch.rand(2, 1, SIZE, SIZE)
     with pruning_disabled(net), torch.no_grad():
-        assert net.window(image, BOXES) is None
+        assert pruning_window(0, net.pruners, BOXES, (SIZE, SIZE), (8, 8)) is None
         torch.testing.assert_close(net(image, BOXES).logits, net.reference_forward(image))
 
 
@@ -138,3 +139,49 @@ def test_gradients_reach_the_decoder_and_the_pruner_through_the_window():
     out.logits.logsumexp(dim=1).mean().backward()
     assert net.unetr.decoder2.conv_block.conv1.conv.weight.grad.abs().sum() > 0
     assert net.pruners["3"].f1.weight.grad.abs().sum() > 0
+
+
+def _transunet(decoder_window=None) -> PrunableTransUNet:
+    torch.manual_seed(0)
+    return PrunableTransUNet(
+        1,
+        3,
+        img_size=SIZE,
+        cnn_layers=(1, 1, 1),
+        cnn_channels=(16, 32, 64),
+        stem_channels=16,
+        cnn_norm_groups=8,
+        hidden_size=48,
+        depth=4,
+        num_heads=3,
+        head_channels=32,
+        decoder_channels=(32, 16, 16, 8),
+        pruner=partial(PrATo, budget=TokenBudget(q=50)),
+        decoder_window=decoder_window,
+    )
+
+
+def test_transunet_windowed_decoding_equals_the_masked_dense_decoder_inside():
+    windowed, dense = _transunet(decoder_window=1).eval(), _transunet().eval()
+    _randomise_norms(windowed)
+    dense.load_state_dict(windowed.state_dict())
+    torch.manual_seed(1)
+    image = torch.rand(2, 1, SIZE, SIZE)
+    window = pruning_window(1, windowed.pruners, BOXES, (SIZE, SIZE), (8, 8))
+
+    def mask_input(module, args):
+        return (args[0] * window.mask(args[0].shape[-2] // 8).to(args[0].dtype), *args[1:])
+
+    handles = [
+        m.register_forward_pre_hook(mask_input)
+        for m in dense.decoder.modules()
+        if isinstance(m, nn.Conv2d | nn.UpsamplingBilinear2d)
+    ]
+    with torch.no_grad():
+        got, want = windowed(image, BOXES).logits, dense(image, BOXES).logits
+    for handle in handles:
+        handle.remove()
+    inside = window.mask(16).expand_as(got)
+    torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-4)
+    assert bool((got.argmax(dim=1)[~inside[:, 0]] == 0).all())
+    assert windowed.pruned_part()[-1] == "decoder"

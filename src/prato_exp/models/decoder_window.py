@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["GridWindow", "background_logits"]
+__all__ = ["GridWindow", "background_logits", "pruning_window", "whole"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,27 @@ class GridWindow:
         in_rows = (rows >= top) & (rows < top + self.size_hw[0])
         in_cols = (cols >= left) & (cols < left + self.size_hw[1])
         return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+def pruning_window(
+    margin: int | None,
+    pruners: nn.ModuleDict,
+    box_xyxy: Tensor | None,
+    image_hw: tuple[int, int],
+    grid_hw: tuple[int, int],
+) -> GridWindow | None:
+    """Where a backbone's decoder runs: the boxes dilated by ``margin`` tokens while one of ``pruners`` is
+    active; None (everywhere) when the option is off, no box is given, pruning is off, or the window
+    would be the whole grid."""
+    if margin is None or box_xyxy is None or not any(p.active for p in pruners.values()):
+        return None
+    window = GridWindow.around_boxes(box_xyxy, image_hw, grid_hw, margin)
+    return None if window.is_full else window
+
+
+def whole(x: Tensor) -> Tensor:
+    """The crop of a window that is the whole map: ``x`` itself."""
+    return x
 
 
 def background_logits(num_classes: int, margin: float = 20.0) -> Tensor:

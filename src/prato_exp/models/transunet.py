@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
+from prato_exp.models.decoder_window import GridWindow, background_logits, pruning_window, whole
 from prato_exp.models.plain_vit import (
     build_pruners,
     check_block_indices,
@@ -63,9 +64,16 @@ class UpBlock(nn.Module):
         self.conv1 = ConvBNReLU(in_channels + skip_channels, out_channels)
         self.conv2 = ConvBNReLU(out_channels, out_channels)
 
-    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
-        """``x`` ``(B, Cin, h, w)``, ``skip`` ``(B, Cs, 2h, 2w)`` -> ``(B, Cout, 2h, 2w)``."""
-        x = self.up(x)
+    def forward(self, x: Tensor, skip: Tensor | None = None, window: GridWindow | None = None) -> Tensor:
+        """``x`` ``(B, Cin, h, w)``, ``skip`` ``(B, Cs, 2h, 2w)`` -> ``(B, Cout, 2h, 2w)``.
+
+        With a ``window``, ``x`` and ``skip`` are its crops and so is the output: ``x`` is upsampled on
+        the whole map (zeros outside the window; bilinear sampling with aligned corners depends on the map
+        size) and cropped again.
+        """
+        x = self.up(x if window is None else window.paste(x, x.new_zeros(x.shape[1])))
+        if window is not None:
+            x = window.crop(x)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv2(self.conv1(x))
@@ -105,11 +113,15 @@ class CascadedUpsampler(nn.Module):
         )
         self.segmentation_head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
 
-    def forward(self, grid: Tensor, skips: Sequence[Tensor]) -> Tensor:
-        """``grid`` ``(B, C, h, w)`` ViT tokens, ``skips`` coarsest first -> logits ``(B, K, H, W)``."""
-        x = self.conv_more(grid)
+    def forward(self, grid: Tensor, skips: Sequence[Tensor], window: GridWindow | None = None) -> Tensor:
+        """``grid`` ``(B, C, h, w)`` ViT tokens, ``skips`` coarsest first -> logits ``(B, K, H, W)``.
+
+        With a ``window`` every convolution runs on its crop only; the logits are that crop.
+        """
+        crop = window.crop if window is not None else whole
+        x = self.conv_more(crop(grid))
         for index, block in enumerate(self.blocks):
-            x = block(x, skips[index] if index < len(skips) else None)
+            x = block(x, crop(skips[index]) if index < len(skips) else None, window)
         return self.segmentation_head(x)
 
 
@@ -136,6 +148,10 @@ class PrunableTransUNet(nn.Module):
             timm's hybrid ViT, without class token; never downloaded).
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
+        decoder_window: None (off: the paper's dense decoder) or a margin in tokens: while a pruner is
+            active, the cascaded upsampler runs only on the tokens under the box dilated by this margin,
+            and the rest of the image is background (:mod:`prato_exp.models.decoder_window`). The CNN
+            encoder runs on the whole image, since the ViT's tokens come from it.
     """
 
     display_name = "TransUNet"
@@ -162,8 +178,11 @@ class PrunableTransUNet(nn.Module):
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
+        decoder_window: int | None = None,
     ) -> None:
         super().__init__()
+        if decoder_window is not None and decoder_window < 0:
+            raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
             raise ValueError(
                 f"TransUNet needs an input side divisible by 16 (ViT on the 1/16 map), got {img_size}"
@@ -223,6 +242,8 @@ class PrunableTransUNet(nn.Module):
             grid_hw=self.grid_hw,
             depth=len(self.encoder.blocks),
         )
+        self.decoder_window = decoder_window
+        self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.encoder, pretrained, ignore=pretrained_ignore)
 
@@ -245,7 +266,10 @@ class PrunableTransUNet(nn.Module):
             run_block=timm_block_runner,
             block_parts=TimmBlockParts,
         )
-        logits = self.decoder(self._to_map(encoded.final), skips)
+        window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
+        logits = self.decoder(self._to_map(encoded.final), skips, window)
+        if window is not None:
+            logits = window.paste(logits, self.background)
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def _embed(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -271,10 +295,13 @@ class PrunableTransUNet(nn.Module):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid_hw)
 
     def pruned_part(self) -> list[str]:
-        """Module names of the ViT blocks that run after the first pruning point (for FLOP ratios)."""
+        """Module names of the ViT blocks that run after the first pruning point (for FLOP ratios), and
+        the decoder when it runs in a window."""
         depth = len(self.encoder.blocks)
         first = self.prune_after[0] if self.prune_after else depth
-        return [f"encoder.blocks.{i}" for i in range(first, depth)] + grid_module_names(self.pruners)
+        decoder = ["decoder"] if self.decoder_window is not None else []
+        blocks = [f"encoder.blocks.{i}" for i in range(first, depth)]
+        return blocks + grid_module_names(self.pruners) + decoder
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.decoder_window import GridWindow, background_logits
+from prato_exp.models.decoder_window import background_logits, pruning_window, whole
 from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory, grid_module_names
@@ -23,10 +23,6 @@ from prato_exp.pruning.base import PrunerFactory, grid_module_names
 DECODER_MODULES = ("encoder1", "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3")
 DECODER_MODULES += ("decoder2", "out")
 """MONAI UNETR's convolutional modules, all of which the decoder window crops."""
-
-
-def _whole(x: Tensor) -> Tensor:
-    return x
 
 
 class PrunableUNETR(nn.Module):
@@ -127,8 +123,8 @@ class PrunableUNETR(nn.Module):
             box_xyxy=box_xyxy,
             prune_enabled=prune_enabled,
         )
-        window = self.window(image, box_xyxy)
-        crop = window.crop if window is not None else _whole
+        window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
+        crop = window.crop if window is not None else whole
         skip2, skip3, skip4 = (encoded.skips[i] for i in self.skip_blocks)
         enc1 = net.encoder1(crop(image))
         enc2 = net.encoder2(crop(net.proj_feat(skip2)))
@@ -141,14 +137,6 @@ class PrunableUNETR(nn.Module):
         if window is not None:
             logits = window.paste(logits, self.background)
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
-
-    def window(self, image: Tensor, box_xyxy: Tensor | None) -> GridWindow | None:
-        """Where the decoder runs: the dilated boxes while a pruner is active, else None (everywhere)."""
-        pruning = any(p.active for p in self.pruners.values())
-        if self.decoder_window is None or box_xyxy is None or not pruning:
-            return None
-        window = GridWindow.around_boxes(box_xyxy, image.shape[-2:], self.grid_hw, self.decoder_window)
-        return None if window.is_full else window
 
     def pruned_part(self) -> list[str]:
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
