@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ from prato_exp.pruning.base import NoPruner, PointState, PrunerContext, TokenPru
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
 from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy
-from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, run_parts
+from prato_exp.tokens.blocks import MonaiBlockParts, PartsFactory, UnequalCounts, run_by_count, run_parts
 from prato_exp.tokens.token_set import TokenSet
 
 BlockRunner = Callable[[nn.Module, Tensor, "Tensor | None"], Tensor]
@@ -70,6 +72,13 @@ def build_pruners(
     )
 
 
+def check_unequal_counts(value: str) -> UnequalCounts:
+    """``value`` if it is an :data:`~prato_exp.tokens.blocks.UnequalCounts` choice, else a ValueError."""
+    if value not in get_args(UnequalCounts):
+        raise ValueError(f"model.unequal_counts must be one of {get_args(UnequalCounts)}, got {value!r}")
+    return value
+
+
 def monai_block_runner(block: nn.Module, tokens: Tensor, key_keep: Tensor | None) -> Tensor:
     """Run a MONAI ``TransformerBlock``; its einsum attention takes a ``(B, N)`` bool keep mask."""
     return block(tokens, attn_mask=KeyMask(key_keep).monai())
@@ -96,6 +105,7 @@ def run_pruned_blocks(
     prune_enabled: Tensor | None = None,
     run_block: BlockRunner = monai_block_runner,
     block_parts: PartsFactory = MonaiBlockParts,
+    unequal_counts: UnequalCounts = "pad",
 ) -> EncoderOutput:
     """Run ``blocks`` on ``tokens`` ``(B, Z, C)``, pruning after each 1-based block in ``pruners``.
 
@@ -114,6 +124,8 @@ def run_pruned_blocks(
         run_block: how to call one block with an optional ``(B, N)`` key keep mask.
         block_parts: how to split a block into residuals with its attention exposed; used only for
             pruners that read attention or run blocks themselves.
+        unequal_counts: ``pad`` or ``group`` (:data:`~prato_exp.tokens.blocks.UnequalCounts`): how the
+            blocks after a ``drop`` point run when the images keep different counts.
     """
     num_grid = tokens.shape[1]
     depth = len(blocks)
@@ -146,6 +158,8 @@ def run_pruned_blocks(
         elif observer is not None and observer.needs_attention:
             out, weights = run_parts(block_parts(block), alive.tokens, KeyMask(key_keep).softmax)
             state = observer.observe_attention(weights.detach(), alive.valid, state, index)
+        elif unequal_counts == "group" and mode == "drop" and key_keep is not None:
+            out = run_by_count(partial(run_block, block, key_keep=None), alive.tokens, key_keep)
         else:
             out = run_block(block, alive.tokens, key_keep)
         if mode == "mask" and key_keep is not None:

@@ -34,6 +34,7 @@ from prato_exp.models.decoder_window import GridWindow, background_logits, pruni
 from prato_exp.models.plain_vit import (
     build_pruners,
     check_block_indices,
+    check_unequal_counts,
     run_pruned_blocks,
     timm_block_runner,
 )
@@ -152,6 +153,8 @@ class PrunableTransUNet(nn.Module):
             active, the cascaded upsampler runs only on the tokens under the box dilated by this margin,
             and the rest of the image is background (:mod:`prato_exp.models.decoder_window`). The CNN
             encoder runs on the whole image, since the ViT's tokens come from it.
+        unequal_counts: ``pad`` (the batch padded to its largest keep count) or ``group`` (each group of
+            images with one count runs on exactly that many tokens; no FLOP on padding).
     """
 
     display_name = "TransUNet"
@@ -179,8 +182,10 @@ class PrunableTransUNet(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        unequal_counts: str = "pad",
     ) -> None:
         super().__init__()
+        check_unequal_counts(unequal_counts)
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
@@ -243,6 +248,7 @@ class PrunableTransUNet(nn.Module):
             depth=len(self.encoder.blocks),
         )
         self.decoder_window = decoder_window
+        self.unequal_counts = unequal_counts
         self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.encoder, pretrained, ignore=pretrained_ignore)
@@ -263,6 +269,7 @@ class PrunableTransUNet(nn.Module):
             image_hw=(image.shape[-2], image.shape[-1]),
             box_xyxy=box_xyxy,
             prune_enabled=prune_enabled,
+            unequal_counts=self.unequal_counts,
             run_block=timm_block_runner,
             block_parts=TimmBlockParts,
         )

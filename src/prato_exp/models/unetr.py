@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
 from prato_exp.models.decoder_window import background_logits, pruning_window, whole
-from prato_exp.models.plain_vit import build_pruners, check_block_indices, run_pruned_blocks
+from prato_exp.models.plain_vit import (
+    build_pruners,
+    check_block_indices,
+    check_unequal_counts,
+    run_pruned_blocks,
+)
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import PrunerFactory, grid_module_names
 
@@ -46,6 +51,8 @@ class PrunableUNETR(nn.Module):
             active, the convolutional encoders and the decoder run only on the tokens under the box
             dilated by this margin, and the rest of the image is background
             (:mod:`prato_exp.models.decoder_window`).
+        unequal_counts: ``pad`` (the batch padded to its largest keep count) or ``group`` (each group of
+            images with one count runs on exactly that many tokens; no FLOP on padding).
     """
 
     display_name = "UNETR"
@@ -70,8 +77,10 @@ class PrunableUNETR(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        unequal_counts: str = "pad",
     ) -> None:
         super().__init__()
+        check_unequal_counts(unequal_counts)
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
@@ -102,6 +111,7 @@ class PrunableUNETR(nn.Module):
             pruner, self.prune_after, hidden_size, num_classes=out_channels, grid_hw=self.grid_hw, depth=depth
         )
         self.decoder_window = decoder_window
+        self.unequal_counts = unequal_counts
         self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.unetr, pretrained, ignore=pretrained_ignore)
@@ -122,6 +132,7 @@ class PrunableUNETR(nn.Module):
             image_hw=(image.shape[-2], image.shape[-1]),
             box_xyxy=box_xyxy,
             prune_enabled=prune_enabled,
+            unequal_counts=self.unequal_counts,
         )
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
         crop = window.crop if window is not None else whole

@@ -12,7 +12,7 @@ copying any: for MONAI's ``TransformerBlock`` it follows ``SABlock``'s einsum pa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -112,3 +112,29 @@ class TimmBlockParts:
 
 
 PartsFactory = Callable[[nn.Module], BlockParts]
+
+
+UnequalCounts = Literal["pad", "group"]
+"""How blocks run on gathered token sets whose images keep different counts: ``pad`` runs the batch
+padded to its largest count (padding masked as keys); ``group`` runs each group of images with one count
+on exactly that many tokens, so no FLOP is spent on padding."""
+
+
+def run_by_count(run: Callable[[Tensor], Tensor], tokens: Tensor, valid: Tensor) -> Tensor:
+    """``run`` on each group of images with the same count of valid slots, truncated to that count.
+
+    Args:
+        run: one block, ``(b, n, C) -> (b, n, C)``, on tokens without padding.
+        tokens: ``(B, N, C)`` gathered tokens; each row's valid slots come first.
+        valid: ``(B, N)`` bool, a prefix of each row.
+
+    Returns:
+        ``(B, N, C)``: the block's output on the valid slots, zeros on padding slots.
+    """
+    counts = valid.sum(dim=1)
+    out = torch.zeros_like(tokens)
+    for count in counts.unique().tolist():
+        rows = (counts == count).nonzero().squeeze(1)
+        if count:
+            out[rows, :count] = run(tokens[rows, :count])
+    return out
