@@ -1,37 +1,55 @@
-"""Benchmark pruned vs unpruned inference: GFLOPs on the executed graph, token sparsity, latency,
-throughput and peak memory, at batch 1 and a larger batch, on CPU or GPU.
+"""Benchmark pruned vs unpruned inference for several backbones and pruners in one run.
 
-Every configuration is built from the project's Hydra configs (random weights unless a trained
-checkpoint is given with ``--checkpoint``: percentile keep counts do not depend on the weights, but
-fixed thresholds and DToP's confidence-based exits do) and fed the same phantom images with their
-tight boxes. Each pruning config is run in every requested execution mode (``drop``, ``mask``),
-next to ``none``; ratios are pruned / unpruned, for the whole model and for the part pruning touches.
-The PrATo scoring itself (the pruner call at each pruning point) is timed separately.
+For every model and every pruning configuration (``none`` first, then each ``--pruning`` entry in each
+``--modes`` mode) it reports:
 
-Example::
+- GFLOPs on the executed graph (batch 1, mean over the phantom images), the FLOP ratio of the whole
+  model and of the pruned part (``net.pruned_part()``: the blocks after the first pruning point, the
+  pruners' grid modules, and the decoder where it runs in a window), and the token sparsity;
+- per batch size and autocast dtype: median latency, throughput, the time ratio of the whole model and of
+  the pruned part alone (forward hooks around the pruned part's modules), the pruner calls' share of the
+  unpruned time, and the peak memory of that configuration measured on its own (a fresh process per
+  configuration on CPU, peak RSS over its baseline; ``torch.cuda.max_memory_allocated`` after a reset on
+  GPU), so the figure is that configuration's and not the process's;
+- for hierarchical backbones (Swin UNETR, SegFormer: ``net.stage_names()``), per stage the fraction of
+  the grid pruned and the share of the stage's token-wise FLOPs (its linear layers: QKV, projections,
+  MLP) saved, spec section 3.
 
-    python scripts/benchmark.py --model unetr_small --pruning percentile25 percentile50 percentile75 \\
-        --modes drop mask --batch-sizes 1 8 --out docs/results/benchmark_unetr_small_cpu
+A pair a backbone refuses (Evo-ViT in Swin UNETR, ...) is a row saying so. Weights are random unless
+``--checkpoint`` gives trained ones (percentile counts do not depend on the weights; fixed thresholds and
+DToP's exits do). Every configuration gets the same phantom images with their tight (oracle) boxes.
+Latencies are timed in interleaved rounds, so a drift of the machine affects all configurations alike;
+run it alone on the machine.
 
-    # all seven pruners at PrATo's q=25 budget, DToP with its trained heads
-    python scripts/benchmark.py --model unetr_small --input-size 128 --modes drop \\
-        --pruning percentile25 random dynamicvit evovit dtop stp tram \\
-        --checkpoint dtop=outputs/runs/<run>/checkpoints/best.ckpt
+Example (the four small presets, every pruner, CPU)::
+
+    python scripts/benchmark.py --models unetr_small transunet_small swin_unetr_small segformer_small \\
+        --pruning percentile25 random dynamicvit evovit dtop stp tram tome --modes drop \\
+        --input-size 128 --batch-sizes 1 16 --out docs/results/benchmark_small_cpu
+
+    # GPU, fp32 beside bf16 autocast
+    python scripts/benchmark.py --models unetr --input-size 224 --batch-sizes 1 4 --dtypes fp32 bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from torch import nn
 
 from prato_exp.cli.common import CONFIG_DIR, build_net, environment
@@ -41,8 +59,22 @@ from prato_exp.data.prompts import BoxPrompter
 from prato_exp.data.transforms import resize_pair
 from prato_exp.metrics.efficiency import count_flops, measure_latency
 
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, SyntheticCardiacSource]:
+
+@dataclass(frozen=True)
+class Config:
+    """One network to measure: ``model=<model> pruning=<pruning>`` in ``mode`` (None: the preset's)."""
+
+    model: str
+    pruning: str
+    mode: str | None
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "pruning": self.pruning, "mode": self.mode})
+
+
+def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` cardiac phantoms resized to ``size`` with their tight boxes: ``(N,1,S,S)``, ``(N,4)``."""
     source = SyntheticCardiacSource(num_val=count, size=128, seed=123)
     prompter = BoxPrompter(condition="tight")
@@ -52,28 +84,90 @@ def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor, Sy
         image, label = resize_pair(case.image[:, 0], case.label[0], size)
         images.append(image)
         boxes.append(torch.as_tensor(prompter(label.numpy(), case_id, 0)[0]))
-    return torch.stack(images), torch.stack(boxes), source
+    return torch.stack(images), torch.stack(boxes)
 
 
-def build(model: str, pruning: str, mode: str | None, size: int, source, extra: list[str]) -> nn.Module:
-    """A network from the configs ``model=<model> pruning=<pruning>`` (``pruning.mode=<mode>``).
+def build(config: Config, size: int, extra: list[str]) -> nn.Module:
+    """The network of ``config`` from the project's configs, in eval mode, seeded weights.
 
-    ``pruning`` may name a threshold choice after ``@``: ``prato@fixed0.5`` is
-    ``pruning=prato threshold=fixed0.5``.
+    ``config.pruning`` may name a threshold choice after ``@``: ``prato@fixed0.5`` is
+    ``pruning=prato threshold=fixed0.5``. A backbone's refusal of a pruner is raised as ValueError.
     """
-    preset, _, threshold = pruning.partition("@")
-    overrides = [f"model={model}", f"pruning={preset}", f"model.img_size={size}", *extra]
+    preset, _, threshold = config.pruning.partition("@")
+    overrides = [f"model={config.model}", f"pruning={preset}", f"model.img_size={size}", *extra]
     if threshold:
         overrides.append(f"threshold={threshold}")
-    if mode is not None:
-        overrides.append(f"pruning.mode={mode}")
+    if config.mode is not None:
+        overrides.append(f"pruning.mode={config.mode}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
-    return build_net(cfg.model, source).eval()
+    try:
+        return build_net(cfg.model, SyntheticCardiacSource).eval()
+    except InstantiationException as err:
+        raise ValueError(str(err.__cause__ or err)) from err
 
 
-def time_pruners(net: nn.Module, image, box, warmup: int, repeats: int, device) -> float:
+def batch_of(images: torch.Tensor, boxes: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The phantom images and boxes repeated to ``bs``."""
+    reps = -(-bs // len(images))
+    return images.repeat(reps, 1, 1, 1)[:bs], boxes.repeat(reps, 1)[:bs]
+
+
+def autocast(device: torch.device, dtype: str):
+    """The autocast context of ``dtype`` (``fp32``: none)."""
+    return nullcontext() if DTYPES[dtype] is None else torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def is_pruned(net: nn.Module) -> bool:
+    return any(p.active for p in net.pruners.values())
+
+
+class PartTimer:
+    """Wall-clock time spent inside the modules named by ``net.pruned_part()``, summed per forward.
+
+    Every module under those names is hooked and a call counts from the moment the first of them is
+    entered until all have returned, so a backbone that runs a stage's blocks itself (not through the
+    stage container) is timed as well, and nested calls are counted once.
+    """
+
+    def __init__(self, net: nn.Module, names: list[str], device: torch.device) -> None:
+        timed = {
+            id(module): module
+            for name, module in net.named_modules()
+            if any(name == n or name.startswith(n + ".") for n in names)
+        }
+        self.device = device
+        self.total = 0.0
+        self._depth = 0
+        self._start = 0.0
+        self.handles = []
+        for module in timed.values():
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self._depth == 0:
+            self._sync()
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._sync()
+            self.total += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def time_pruners(net: nn.Module, image, box, repeats: int, device) -> float:
     """Median ms of all pruner calls of one forward pass (the scoring and selection cost alone)."""
     calls: list[tuple[nn.Module, tuple, dict]] = []
 
@@ -91,175 +185,210 @@ def time_pruners(net: nn.Module, image, box, warmup: int, repeats: int, device) 
             module(*args, **kwargs)
 
     with torch.no_grad():
-        return measure_latency(run, warmup=warmup, repeats=repeats, device=device).median_ms
+        return measure_latency(run, warmup=1, repeats=repeats, device=device).median_ms
 
 
-def mean_sparsity(net: nn.Module, image, box) -> float:
+def stage_figures(net: nn.Module, dense_report, report, image, box) -> dict[str, Any]:
+    """Per-stage pruned fraction and token-wise FLOPs saved of a hierarchical backbone (else ``{}``)."""
+    if not hasattr(net, "stage_names"):
+        return {}
     with torch.no_grad():
-        sparsity = net(image, box).trace.sparsity()
-    return 0.0 if sparsity is None else float(sparsity.mean())
+        trace = net(image, box).trace
+    pruned = (1 - net.stage_keep_fraction(trace).mean(dim=0)).tolist() if is_pruned(net) else None
+    linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    figures: dict[str, Any] = {}
+    for index, stage in enumerate(net.stage_names(), start=1):
+        names = [n for n in linear if n.startswith(stage + ".")]
+        dense = dense_report.flops_under(names)
+        figures[f"stage{index}_pruned"] = pruned[index - 1] if pruned is not None else 0.0
+        figures[f"stage{index}_tokenwise_saved"] = 1 - report.flops_under(names) / dense if dense else None
+    return figures
 
 
-def measure_static(net: nn.Module, images, boxes) -> dict[str, Any]:
-    """FLOPs (batch 1, mean over the images) and sparsity of one network."""
-    reports = [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
+def measure_static(net: nn.Module, dense: nn.Module | None, images, boxes) -> dict[str, Any]:
+    """FLOPs (batch 1, mean over the images), sparsity and per-stage figures of one network."""
     part = net.pruned_part()
-    return {
+    reports = [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
+    row: dict[str, Any] = {
         "gflops": statistics.fmean(r.total_flops for r in reports) / 1e9,
         "part_gflops": statistics.fmean(r.flops_under(part) for r in reports) / 1e9,
-        "sparsity": mean_sparsity(net, images, boxes),
     }
+    with torch.no_grad():
+        sparsity = net(images, boxes).trace.sparsity()
+    row["sparsity"] = 0.0 if sparsity is None else float(sparsity.mean())
+    dense_report = count_flops(dense or net, images[:1], boxes[:1])
+    row.update(stage_figures(net, dense_report, reports[0], images[:1], boxes[:1]))
+    return row
 
 
-def measure_latencies(
-    nets: list[nn.Module], rows: list[dict[str, Any]], images, boxes, bs: int, args, device
+def measure_times(
+    nets: list[nn.Module], rows: list[dict[str, Any]], images, boxes, bs: int, dtype: str, args, device
 ) -> None:
-    """Median latency of every network at batch ``bs``, timed in interleaved rounds.
-
-    Each of ``args.rounds`` rounds times every network ``repeats / rounds`` times in turn, so a slow
-    drift of the machine (other tenants, clocks) affects all configurations alike; the median is over
-    all timed runs of a network. The PrATo scoring alone is timed the same way.
-    """
-    reps = -(-bs // len(images))
-    x, b = images.repeat(reps, 1, 1, 1)[:bs], boxes.repeat(reps, 1)[:bs]
+    """Median latency, pruned-part time and pruner time of every network at batch ``bs`` under ``dtype``,
+    timed in ``args.rounds`` interleaved rounds."""
+    x, b = batch_of(images, boxes, bs)
     per_round = max(1, args.repeats // args.rounds)
     times: list[list[float]] = [[] for _ in nets]
+    part_times: list[list[float]] = [[] for _ in nets]
     prune_times: list[list[float]] = [[] for _ in nets]
-    peaks = [0.0 for _ in nets]
     for round_index in range(args.rounds):
         warmup = args.warmup if round_index == 0 else 1
         for i, net in enumerate(nets):
-            with torch.no_grad():
-                lat = measure_latency(lambda n=net: n(x, b), warmup=warmup, repeats=per_round, device=device)
-            times[i] += lat.times_ms
-            peaks[i] = max(peaks[i], lat.peak_memory_mb)
-            if any(p.active for p in net.pruners.values()):
-                prune_times[i].append(time_pruners(net, x, b, warmup, per_round, device))
+            with torch.no_grad(), autocast(device, dtype):
+                times[i] += measure_latency(lambda n=net: n(x, b), warmup, per_round, device).times_ms
+                timer = PartTimer(net, rows[i]["part_names"], device)
+                try:
+                    for _ in range(per_round):
+                        timer.total = 0.0
+                        net(x, b)
+                        part_times[i].append(timer.total * 1e3)
+                finally:
+                    timer.remove()
+                if is_pruned(net):
+                    prune_times[i].append(time_pruners(net, x, b, per_round, device))
+    suffix = f"b{bs}_{dtype}"
     for i, row in enumerate(rows):
         median = statistics.median(times[i])
-        row[f"ms_b{bs}"] = median
-        row[f"img_per_s_b{bs}"] = bs / (median / 1e3)
-        row[f"peak_mb_b{bs}"] = peaks[i]
+        row[f"ms_{suffix}"] = median
+        row[f"img_per_s_{suffix}"] = bs / (median / 1e3)
+        row[f"part_ms_{suffix}"] = statistics.median(part_times[i])
         if prune_times[i]:
-            row[f"prune_ms_b{bs}"] = statistics.median(prune_times[i])
+            row[f"prune_ms_{suffix}"] = statistics.median(prune_times[i])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="unetr_small")
-    parser.add_argument(
-        "--pruning",
-        nargs="+",
-        default=["percentile25", "percentile50", "percentile75"],
-        help="pruning presets; `preset@threshold` adds a threshold choice, e.g. prato@fixed0.5",
-    )
-    parser.add_argument("--modes", nargs="+", default=["drop", "mask"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--images", type=int, default=4, help="phantom images for FLOP averaging")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per network and batch size")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the repeats are split into")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.prune_after=[3,6,9]"
-    )
-    parser.add_argument(
-        "--checkpoint",
-        nargs="*",
-        default=[],
-        help="PRUNING=PATH: load the network weights of a training checkpoint for that pruning entry",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output prefix for .json/.csv/.md")
-    args = parser.parse_args()
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    unknown = set(checkpoints) - {"none", *args.pruning}
-    if unknown:
-        parser.error(f"--checkpoint names {sorted(unknown)}, not among none/--pruning {args.pruning}")
+def peak_memory(config: Config, bs: int, dtype: str, args, device: torch.device) -> dict[str, Any]:
+    """Peak memory of ``config`` at batch ``bs`` over its baseline, measured on its own.
+
+    CPU: a fresh process builds the network and inputs, reads its RSS, runs the forward passes and reads
+    its RSS high-water mark (``VmHWM``), so allocator caches of other configurations do not count.
+    CUDA: ``max_memory_allocated`` after a reset, in this process (tensors only).
+    """
+    if device.type == "cuda":
+        net = build(config, args.input_size, args.override).to(device)
+        images, boxes = phantom_batch(args.input_size, args.images)
+        x, b = batch_of(images.to(device), boxes.to(device), bs)
+        with torch.no_grad(), autocast(device, dtype):
+            net(x, b)
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(3):
+                net(x, b)
+            torch.cuda.synchronize(device)
+        return {"peak_mb": (torch.cuda.max_memory_allocated(device) - base) / 2**20, "method": "cuda"}
+    command = [sys.executable, __file__, "--peak-of", config.to_json(), "--peak-batch", str(bs)]
+    command += ["--peak-dtype", dtype, "--input-size", str(args.input_size), "--images", str(args.images)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.override:
+        command += ["--override", *args.override]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"peak-memory process for {config} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peak_of(args) -> None:
+    """The ``--peak-of`` child: one configuration's peak RSS over its baseline, printed as JSON."""
+    from prato_exp.metrics.efficiency import _proc_status_kb, _reset_rss_peak
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-
-    images, boxes, source = phantom_batch(args.input_size, args.images)
-    images, boxes = images.to(device), boxes.to(device)
-    runs: list[tuple[str, str | None]] = [("none", None)]
-    runs += [(p, m) for p in args.pruning for m in args.modes]
-    rows = []
-    started = time.time()
-    nets = []
-    for pruning, mode in runs:
-        net = build(args.model, pruning, mode, args.input_size, source, args.override)
-        if pruning in checkpoints:
-            load_net_weights(net, load_checkpoint(checkpoints[pruning]), checkpoints[pruning])
-        net = net.to(device)
-        rows.append(
-            {
-                "model": args.model,
-                "pruning": pruning,
-                "mode": mode or "-",
-                "weights": "trained" if pruning in checkpoints else "random",
-                **measure_static(net, images, boxes),
-            }
-        )
-        nets.append(net)
-    for bs in args.batch_sizes:
-        measure_latencies(nets, rows, images, boxes, bs, args, device)
-        print(f"timed batch {bs} ({time.time() - started:.0f} s)", flush=True)
-    add_ratios(rows, args.batch_sizes)
-    table = markdown_table(rows, args.batch_sizes)
-    print(table)
-    if args.out:
-        write_outputs(args, rows, table)
+    config = Config(**json.loads(args.peak_of))
+    net = build(config, args.input_size, args.override)
+    images, boxes = phantom_batch(args.input_size, args.images)
+    x, b = batch_of(images, boxes, args.peak_batch)
+    gc.collect()
+    if not _reset_rss_peak():
+        raise SystemExit("peak memory on CPU needs Linux's /proc/self/clear_refs")
+    base = _proc_status_kb("VmRSS") / 1024
+    with torch.no_grad(), autocast(torch.device("cpu"), args.peak_dtype):
+        for _ in range(3):
+            net(x, b)
+    peak = _proc_status_kb("VmHWM") / 1024
+    print(json.dumps({"peak_mb": peak - base, "baseline_mb": base, "method": "cpu_vmhwm_fresh_process"}))
 
 
-def add_ratios(rows: list[dict[str, Any]], batch_sizes: list[int]) -> None:
-    """Pruned / unpruned ratios of FLOPs and time, whole model and pruned part; scoring overhead."""
-    base = rows[0]
+def add_ratios(rows: list[dict[str, Any]], timings: list[str]) -> None:
+    """Ratios of every pruned row to its model's ``none`` row: FLOPs, time, pruned-part time, scoring."""
+    base = {r["model"]: r for r in rows if r["pruning"] == "none" and r["status"] == "ok"}
     for row in rows:
-        row["flop_ratio"] = row["gflops"] / base["gflops"]
-        row["part_flop_ratio"] = row["part_gflops"] / base["part_gflops"]
-        for bs in batch_sizes:
-            row[f"time_ratio_b{bs}"] = row[f"ms_b{bs}"] / base[f"ms_b{bs}"]
-            if f"prune_ms_b{bs}" in row:
-                row[f"prune_overhead_b{bs}"] = row[f"prune_ms_b{bs}"] / base[f"ms_b{bs}"]
+        ref = base.get(row["model"])
+        if row["status"] != "ok" or ref is None:
+            continue
+        row["flop_ratio"] = row["gflops"] / ref["gflops"]
+        row["part_flop_ratio"] = row["part_gflops"] / ref["part_gflops"] if ref["part_gflops"] else None
+        for t in timings:
+            row[f"time_ratio_{t}"] = row[f"ms_{t}"] / ref[f"ms_{t}"]
+            ref_part = ref.get(f"part_ms_{t}")
+            row[f"part_time_ratio_{t}"] = row[f"part_ms_{t}"] / ref_part if ref_part else None
+            if f"prune_ms_{t}" in row:
+                row[f"prune_share_{t}"] = row[f"prune_ms_{t}"] / ref[f"ms_{t}"]
 
 
-def markdown_table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+def _fmt(spec: str) -> Callable[[Any], str]:
+    return spec.format
+
+
+def markdown_tables(rows: list[dict[str, Any]], timings: list[str]) -> str:
+    """One table per model (whole model and pruned part) and one per-stage table per hierarchical model."""
     cols: list[tuple[str, str, Callable[[Any], str]]] = [
         ("pruning", "pruning", str),
         ("mode", "mode", str),
         ("weights", "weights", str),
-        ("GFLOPs", "gflops", "{:.3f}".format),
-        ("FLOP ratio", "flop_ratio", "{:.3f}".format),
-        ("part FLOP ratio", "part_flop_ratio", "{:.3f}".format),
-        ("sparsity", "sparsity", "{:.3f}".format),
+        ("GFLOPs", "gflops", _fmt("{:.3f}")),
+        ("FLOP ratio", "flop_ratio", _fmt("{:.3f}")),
+        ("part FLOP ratio", "part_flop_ratio", _fmt("{:.3f}")),
+        ("sparsity", "sparsity", _fmt("{:.3f}")),
     ]
-    for bs in batch_sizes:
+    for t in timings:
         cols += [
-            (f"ms b{bs}", f"ms_b{bs}", "{:.1f}".format),
-            (f"time ratio b{bs}", f"time_ratio_b{bs}", "{:.3f}".format),
-            (f"img/s b{bs}", f"img_per_s_b{bs}", "{:.1f}".format),
-            (f"peak MB b{bs}", f"peak_mb_b{bs}", "{:.0f}".format),
-            (f"scoring/unpruned b{bs}", f"prune_overhead_b{bs}", "{:.2%}".format),
+            (f"ms {t}", f"ms_{t}", _fmt("{:.1f}")),
+            (f"time ratio {t}", f"time_ratio_{t}", _fmt("{:.3f}")),
+            (f"part time ratio {t}", f"part_time_ratio_{t}", _fmt("{:.3f}")),
+            (f"img/s {t}", f"img_per_s_{t}", _fmt("{:.1f}")),
+            (f"peak MB {t}", f"peak_mb_{t}", _fmt("{:.0f}")),
+            (f"scoring share {t}", f"prune_share_{t}", _fmt("{:.2%}")),
         ]
+    out: list[str] = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        out += [f"## {model}", "", *_table(cols, [r for r in mine if r["status"] == "ok"])]
+        refused = [r for r in mine if r["status"] != "ok"]
+        out += [
+            "",
+            *[f"- `{r['pruning']}` refused: {r['status'].removeprefix('refused: ')}" for r in refused],
+        ]
+        stages = sorted({k.split("_")[0] for r in mine for k in r if k.startswith("stage")})
+        if stages:
+            stage_cols = [("pruning", "pruning", str)]
+            for s in stages:
+                stage_cols += [
+                    (f"{s} pruned", f"{s}_pruned", _fmt("{:.3f}")),
+                    (f"{s} token-wise FLOPs saved", f"{s}_tokenwise_saved", _fmt("{:.3f}")),
+                ]
+            out += [
+                "",
+                f"Per stage ({model}):",
+                "",
+                *_table(stage_cols, [r for r in mine if r["status"] == "ok"]),
+            ]
+        out.append("")
+    return "\n".join(out)
+
+
+def _table(cols, rows) -> list[str]:
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [fmt(row[key]) if key in row and row[key] is not None else "-" for _, key, fmt in cols]
+        cells = [fmt(row[key]) if row.get(key) is not None else "-" for _, key, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
-def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: str) -> None:
+def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: str, command: str) -> None:
+    """``<out>.json`` (every figure), ``.csv`` and ``.md`` (the tables with command, commit, machine)."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
-    command = "python scripts/benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items()
-        if v not in (None, []) and k != "out"
-    )
     meta = {"command": command, "environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     with args.out.with_suffix(".csv").open("w", newline="") as f:
@@ -267,27 +396,158 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], table: s
         writer.writeheader()
         writer.writerows(rows)
     header = [
-        f"# Benchmark: {args.model}",
+        f"# Benchmark: {', '.join(args.models)}",
         "",
         f"- command: `{command}`",
         f"- commit: {env['commit']}; torch {env['torch']}; {env['threads']} threads; device {args.device}"
         + (f" ({env['cuda']})" if env["cuda"] else ""),
         f"- machine: {env['machine']}",
-        f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight boxes;"
+        f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight (oracle) boxes;"
         " weights: random init unless the row says trained (--checkpoint)",
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
-        " part = the blocks after the first pruning point; ratios are pruned / unpruned (`none`);"
+        " part = `net.pruned_part()` (the blocks after the first pruning point, the pruners' grid modules,"
+        " a windowed decoder); ratios are pruned / the same model unpruned (`none`);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
-        " interleaved rounds over all configurations;"
-        " scoring/unpruned = the pruner calls alone / the unpruned model's time;"
-        " peak MB = the process's peak RSS during the timed runs (CPU) or peak allocated memory (CUDA)",
+        " interleaved rounds over all configurations of a model; part time: forward hooks around the"
+        " pruned part's modules; scoring share = the pruner calls alone / the unpruned model's time;"
+        " peak MB = the configuration's peak memory over its baseline, measured on its own (CPU: a fresh"
+        " process, peak RSS; GPU: max_memory_allocated); `tBbN_dtype` = batch N under that autocast dtype",
+        "- per stage (hierarchical models): fraction of the stage's grid pruned, and the share of the"
+        " stage's token-wise FLOPs (linear layers: QKV, projections, MLP) saved against the unpruned model",
         "",
-        table,
-        "",
+        tables,
     ]
     args.out.with_suffix(".md").write_text("\n".join(header))
     print(f"wrote {args.out}.{{json,csv,md}}")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", "--model", nargs="+", default=["unetr_small"], help="model presets (conf/model)"
+    )
+    parser.add_argument(
+        "--pruning",
+        nargs="+",
+        default=["percentile25", "percentile50", "percentile75"],
+        help="pruning presets; `preset@threshold` adds a threshold choice, e.g. prato@fixed0.5",
+    )
+    parser.add_argument("--modes", nargs="+", default=["drop"], help="execution modes of each pruning entry")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=4, help="phantom images for FLOP averaging")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per network and batch size")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the repeats are split into")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-peak-memory", action="store_true", help="skip the per-configuration memory")
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.prune_after=[3,6,9]"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        nargs="*",
+        default=[],
+        help="MODEL/PRUNING=PATH: the network weights of a training checkpoint for that entry",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output prefix for .json/.csv/.md")
+    parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-dtype", default="fp32", help=argparse.SUPPRESS)
+    return parser
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="config", file=sys.stderr) as bar:
+
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        yield step
+
+
+def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
+    """Measure every configuration of every model; returns the rows (also written with ``--out``)."""
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    known = {f"{m}/{p}" for m in args.models for p in ["none", *args.pruning]}
+    if set(checkpoints) - known:
+        raise SystemExit(f"--checkpoint names {sorted(set(checkpoints) - known)}, not among {sorted(known)}")
+    device = torch.device(args.device)
+    if args.dtypes != ["fp32"] and device.type != "cuda":
+        print("note: bf16/fp16 autocast on CPU measures CPU autocast, not a GPU", file=sys.stderr)
+    images, boxes = phantom_batch(args.input_size, args.images)
+    images, boxes = images.to(device), boxes.to(device)
+    timings = [f"b{bs}_{dtype}" for bs in args.batch_sizes for dtype in args.dtypes]
+    rows: list[dict[str, Any]] = []
+    with _progress(len(args.models) * (1 + len(args.pruning) * len(args.modes))) as step:
+        for model in args.models:
+            configs = [Config(model, "none", None)]
+            configs += [Config(model, p, m) for p in args.pruning for m in args.modes]
+            nets, mine, dense = [], [], None
+            for config in configs:
+                row: dict[str, Any] = {"model": model, "pruning": config.pruning, "mode": config.mode or "-"}
+                try:
+                    net = build(config, args.input_size, args.override)
+                except ValueError as err:
+                    rows.append({**row, "status": f"refused: {str(err).splitlines()[0]}"})
+                    step(f"{model} {config.pruning}: refused")
+                    continue
+                key = f"{model}/{config.pruning}"
+                if key in checkpoints:
+                    load_net_weights(net, load_checkpoint(checkpoints[key]), checkpoints[key])
+                net = net.to(device)
+                dense = dense or net
+                row |= {"status": "ok", "weights": "trained" if key in checkpoints else "random"}
+                row |= measure_static(net, dense, images, boxes)
+                row["part_names"] = net.pruned_part() if is_pruned(net) else dense.pruned_part()
+                nets.append(net)
+                mine.append(row)
+                rows.append(row)
+                step(f"{model} {config.pruning}: static")
+            if len(mine) > 1 and mine[0]["pruning"] == "none":  # time the same modules unpruned
+                mine[0]["part_names"] = mine[1]["part_names"]
+            for bs in args.batch_sizes:
+                for dtype in args.dtypes:
+                    measure_times(nets, mine, images, boxes, bs, dtype, args, device)
+            if not args.no_peak_memory:
+                for row in mine:
+                    config = Config(model, row["pruning"], None if row["mode"] == "-" else row["mode"])
+                    for bs in args.batch_sizes:
+                        for dtype in args.dtypes:
+                            row[f"peak_mb_b{bs}_{dtype}"] = peak_memory(config, bs, dtype, args, device)[
+                                "peak_mb"
+                            ]
+            del nets
+            gc.collect()
+    for row in rows:
+        row.pop("part_names", None)
+    add_ratios(rows, timings)
+    tables = markdown_tables(rows, timings)
+    print(tables)
+    if args.out:
+        write_outputs(args, rows, tables, command)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.peak_of:
+        peak_of(args)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args, "python scripts/benchmark.py " + " ".join(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -382,6 +382,10 @@ class PrunableSegFormer(nn.Module):
             x = block(x, *alive.grid_hw, stage_grid=alive)
         return alive.with_tokens(stage.layer_norm(x))
 
+    def stage_names(self) -> list[str]:
+        """Module names of the encoder stages (per-stage FLOPs in benchmarks)."""
+        return [f"segformer.segformer.stages.{i}" for i in range(len(self.depths))]
+
     def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
         """``(B, stages)`` fraction of each stage's grid alive (from ``trace.block_keep_fraction``)."""
         if trace.block_keep_fraction is None:

@@ -511,6 +511,10 @@ class PrunableSwinUNETR(nn.Module):
         stages = [f"swin_unetr.swinViT.layers{k}" for k in range(self.prune_after_stage + 1, NUM_STAGES + 1)]
         return stages + grid_module_names(self.pruners)
 
+    def stage_names(self) -> list[str]:
+        """Module names of the 4 encoder stages (per-stage FLOPs in benchmarks)."""
+        return [f"swin_unetr.swinViT.layers{k}" for k in range(1, NUM_STAGES + 1)]
+
     def stage_keep_fraction(self, trace: PruningTrace) -> Tensor:
         """``(B, 4)`` fraction of each stage's grid alive in its blocks (1 before the pruning point)."""
         if trace.block_keep_fraction is None:

@@ -1,0 +1,49 @@
+"""scripts/benchmark.py: one run over several backbones, refusals as rows, per-configuration memory."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _peak(pruning: str) -> float:
+    config = json.dumps({"model": "unetr_small", "pruning": pruning, "mode": None})
+    command = [sys.executable, str(SCRIPT), "--peak-of", config, "--peak-batch", "4", "--images", "2"]
+    command += ["--threads", "1", "--override", "model.decoder_window=0", "model.prune_after=[2]"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="CPU peak memory needs Linux /proc")
+def test_peak_memory_is_each_configurations_own():
+    # q = 75 after block 2 with the decoder windowed on the box: far less activation memory than unpruned
+    assert _peak("percentile75") < 0.8 * _peak("none")
+
+
+def test_one_run_covers_several_backbones_refusals_and_stages(tmp_path):
+    benchmark = _module()
+    args = ["--models", "unetr_small", "swin_unetr_small", "--pruning", "percentile50", "evovit"]
+    args += ["--input-size", "64", "--batch-sizes", "1", "--repeats", "1", "--rounds", "1", "--warmup", "0"]
+    args += ["--images", "1", "--threads", "1", "--no-peak-memory", "--out", str(tmp_path / "bench")]
+    assert benchmark.main(args) == 0
+    rows = {(r["model"], r["pruning"]): r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows[("swin_unetr_small", "evovit")]["status"].startswith("refused: EvoViTPruner cannot run")
+    assert rows[("unetr_small", "evovit")]["status"] == "ok"
+    pruned = rows[("swin_unetr_small", "percentile50")]
+    assert pruned["part_time_ratio_b1_fp32"] > 0 and pruned["flop_ratio"] < 1
+    assert pruned["stage3_pruned"] > 0 and 0 < pruned["stage3_tokenwise_saved"] < 1
+    table = (tmp_path / "bench.md").read_text()
+    assert "## swin_unetr_small" in table and "Per stage (swin_unetr_small)" in table
