@@ -22,7 +22,7 @@ from prato_exp.lightning.datamodule import EvalSlices
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.prato import PrATo
 from prato_exp.report.cli import main, report
-from prato_exp.report.runs import ReportError
+from prato_exp.report.runs import ReportError, load_runs
 from prato_exp.report.samples import (
     SAMPLES_FILENAME,
     load_report_samples,
@@ -308,6 +308,13 @@ def test_isic_table_has_single_class_layout_and_figures(out):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names
     index = (out / "index.md").read_text()
     assert "fig3: no runs of table4" in index
+
+
+def test_caption_names_command_budget_and_machine_of_real_runs():
+    record = load_runs([Path(__file__).parent / "data" / "report_run"], warn=print)[0][0]
+    assert record.experiment == "table3_roialign_k"
+    assert record.budget == "15 epochs (19,680 training samples), batch 16, lr 0.0003, 128 px"
+    assert record.machine.endswith("torch 2.14.1+cu130, 2 threads, CPU")
 
 
 def test_rerun_gives_identical_tables(runs, out, tmp_path):

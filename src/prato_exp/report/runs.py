@@ -56,6 +56,9 @@ class RunRecord:
         commit: ``environment.commit`` or None.
         model, pruner: the model config name and the pruner's class name (from ``config.yaml``).
         prune_points: the model's ``prune_*`` settings, as text (``prune_after=[3]``), or ``""``.
+        experiment: the run's ``experiment`` config choice (the table preset), or None.
+        budget: the training budget as text (epochs, samples seen, batch, lr, input size), or ``""``.
+        machine: the machine the run trained on (platform, torch, threads, GPU), or ``""``.
         decoder_window: the model's ``decoder_window`` margin in tokens (its decoder ran only around the
             box), or None (dense decoder).
         prompted: True when the run's network reads the box prompt: ``report.prompted`` where given, else
@@ -81,6 +84,9 @@ class RunRecord:
     model: str = ""
     pruner: str = ""
     prune_points: str = ""
+    experiment: str | None = None
+    budget: str = ""
+    machine: str = ""
     decoder_window: int | None = None
     prompted: bool = False
     samples: Path | None = None
@@ -196,6 +202,9 @@ def load_run(run_dir: Path) -> RunRecord:
         model=(metrics.get("choices") or {}).get("model") or _name_of(model_cfg),
         pruner=pruner,
         prune_points=prune_points if pruner not in ("", "NoPruner") else "",
+        experiment=choice if (choice := (metrics.get("choices") or {}).get("experiment")) != "None" else None,
+        budget=_budget(config, metrics),
+        machine=_machine(metrics.get("environment") or {}),
         decoder_window=window if (window := model_cfg.get("decoder_window")) is None else int(window),
         prompted=bool(report["prompted"])
         if report.get("prompted") is not None
@@ -228,3 +237,31 @@ def _progress(items: list[Path], enabled: bool) -> Iterable[Path]:
     from tqdm import tqdm
 
     return tqdm(items, desc="reading runs", unit="run")
+
+
+def _budget(config: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """``15 epochs (19,680 training samples), batch 16, lr 0.0003, 128 px`` from a run's config."""
+    trainer, data = config.get("trainer") or {}, config.get("datamodule") or {}
+    lr = (config.get("optimizer") or {}).get("lr")
+    size = (config.get("model") or {}).get("img_size")
+    parts = []
+    if trainer.get("max_epochs") is not None:
+        seen = metrics.get("train_samples_seen")
+        parts.append(f"{trainer['max_epochs']} epochs" + (f" ({seen:,} training samples)" if seen else ""))
+    parts += [f"batch {data['batch_size']}"] if data.get("batch_size") is not None else []
+    parts += [f"lr {lr:g}"] if isinstance(lr, int | float) else []
+    parts += [f"{size} px"] if size is not None else []
+    return ", ".join(parts)
+
+
+def _machine(environment: dict[str, Any]) -> str:
+    """``Linux-..., torch 2.x, 2 threads, CPU`` (or the GPU's name) from a run's ``environment``."""
+    if not environment:
+        return ""
+    parts = [
+        environment.get("machine"),
+        f"torch {environment['torch']}" if environment.get("torch") else None,
+    ]
+    parts.append(f"{environment['threads']} threads" if environment.get("threads") else None)
+    parts.append(environment.get("cuda") or "CPU")
+    return ", ".join(str(p) for p in parts if p)

@@ -502,6 +502,17 @@ def caption(summary: TableSummary) -> list[str]:
             f"{unknown} of {len(timed)} runs did not record the machine's load when timed: their time "
             "cells may include time the machine spent on other work."
         )
+    experiments = _values(runs, "experiment")
+    if experiments:
+        seeds = ", ".join(_values(runs, "seed"))
+        commands = "; ".join(f"`python train.py -m experiment={e}`" for e in experiments)
+        lines.append(f"Command: {commands} (the preset's sweep; the runs here: seeds {seeds}).")
+    budgets = _values(runs, "budget")
+    if budgets:
+        lines.append(f"Training budget: {'; '.join(budgets)}.")
+    machines = _values(runs, "machine")
+    if machines:
+        lines.append(f"Machine: {'; '.join(machines)}.")
     lines.append(f"Commit(s): {', '.join(_values(runs, 'commit')) or 'not recorded'}.")
     notes = list(group.notes) + [r.test.note for r in summary.rows if r.test.note]
     notes += _condition_notes(group)
