@@ -83,30 +83,22 @@ def _randomise_norms(net: nn.Module) -> None:
             module.running_var.uniform_(0.5, 2.0)
 
 
-def _masked_dense(net: PrunableUNETR, window: GridWindow) -> list:
-    """Make every decoder convolution of ``net`` read zeros outside ``window``: the exact reference."""
-
-    def mask_input(module, args):
-        x = args[0]
-        return (x * window.mask(x.shape[-2] // 8).to(x.dtype), *args[1:])
-
-    handles = []
-    for name in DECODER_MODULES:
-        for module in getattr(net.unetr, name).modules():
-            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                handles.append(module.register_forward_pre_hook(mask_input))
-    return handles
-
-
-def test_windowed_decoding_equals_the_masked_dense_decoder_inside_and_is_background_outside():
-    windowed, dense = _net(decoder_window=1).eval(), _net().eval()
+def _assert_window_equals_masked_dense(
+    windowed: nn.Module, dense: nn.Module, masked: list[nn.Module]
+) -> None:
+    """``windowed``'s logits equal ``dense``'s (same weights) with every module in ``masked`` reading
+    zeros outside the window, inside the window; background elsewhere."""
     _randomise_norms(windowed)
     dense.load_state_dict(windowed.state_dict())
     torch.manual_seed(1)
     image = torch.rand(2, 1, SIZE, SIZE)
     window = pruning_window(1, windowed.pruners, BOXES, (SIZE, SIZE), (8, 8))
     assert window is not None and window.size_hw == (4, 5)
-    handles = _masked_dense(dense, window)
+
+    def mask_input(module, args):
+        return (args[0] * window.mask(args[0].shape[-2] // 8).to(args[0].dtype), *args[1:])
+
+    handles = [module.register_forward_pre_hook(mask_input) for module in masked]
     with torch.no_grad():
         got, want = windowed(image, BOXES).logits, dense(image, BOXES).logits
     for handle in handles:
@@ -114,6 +106,13 @@ def test_windowed_decoding_equals_the_masked_dense_decoder_inside_and_is_backgro
     inside = window.mask(16).expand_as(got)
     torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-4)
     assert bool((got.argmax(dim=1)[~inside[:, 0]] == 0).all())
+
+
+def test_windowed_decoding_equals_the_masked_dense_decoder_inside_and_is_background_outside():
+    windowed, dense = _net(decoder_window=1).eval(), _net().eval()
+    decoder = [getattr(dense.unetr, name) for name in DECODER_MODULES]
+    convs = [m for part in decoder for m in part.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    _assert_window_equals_masked_dense(windowed, dense, convs)
 
 
 def test_decoder_flops_fall_with_the_window_area():
@@ -163,25 +162,6 @@ def _transunet(decoder_window=None) -> PrunableTransUNet:
 
 def test_transunet_windowed_decoding_equals_the_masked_dense_decoder_inside():
     windowed, dense = _transunet(decoder_window=1).eval(), _transunet().eval()
-    _randomise_norms(windowed)
-    dense.load_state_dict(windowed.state_dict())
-    torch.manual_seed(1)
-    image = torch.rand(2, 1, SIZE, SIZE)
-    window = pruning_window(1, windowed.pruners, BOXES, (SIZE, SIZE), (8, 8))
-
-    def mask_input(module, args):
-        return (args[0] * window.mask(args[0].shape[-2] // 8).to(args[0].dtype), *args[1:])
-
-    handles = [
-        m.register_forward_pre_hook(mask_input)
-        for m in dense.decoder.modules()
-        if isinstance(m, nn.Conv2d | nn.UpsamplingBilinear2d)
-    ]
-    with torch.no_grad():
-        got, want = windowed(image, BOXES).logits, dense(image, BOXES).logits
-    for handle in handles:
-        handle.remove()
-    inside = window.mask(16).expand_as(got)
-    torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-4)
-    assert bool((got.argmax(dim=1)[~inside[:, 0]] == 0).all())
+    masked = [m for m in dense.decoder.modules() if isinstance(m, nn.Conv2d | nn.UpsamplingBilinear2d)]
+    _assert_window_equals_masked_dense(windowed, dense, masked)
     assert windowed.pruned_part()[-1] == "decoder"
