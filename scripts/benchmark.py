@@ -189,9 +189,7 @@ def time_pruners(net: nn.Module, image, box, repeats: int, device) -> float:
 
 
 def stage_figures(net: nn.Module, dense_report, report, image, box) -> dict[str, Any]:
-    """Per-stage pruned fraction and token-wise FLOPs saved of a hierarchical backbone (else ``{}``)."""
-    if not hasattr(net, "stage_names"):
-        return {}
+    """Per-stage pruned fraction and token-wise FLOPs saved of a hierarchical backbone."""
     with torch.no_grad():
         trace = net(image, box).trace
     pruned = (1 - net.stage_keep_fraction(trace).mean(dim=0)).tolist() if is_pruned(net) else None
@@ -216,8 +214,9 @@ def measure_static(net: nn.Module, dense: nn.Module | None, images, boxes) -> di
     with torch.no_grad():
         sparsity = net(images, boxes).trace.sparsity()
     row["sparsity"] = 0.0 if sparsity is None else float(sparsity.mean())
-    dense_report = count_flops(dense or net, images[:1], boxes[:1])
-    row.update(stage_figures(net, dense_report, reports[0], images[:1], boxes[:1]))
+    if hasattr(net, "stage_names"):  # per-stage figures need the unpruned model's FLOPs per stage
+        dense_report = count_flops(dense or net, images[:1], boxes[:1])
+        row.update(stage_figures(net, dense_report, reports[0], images[:1], boxes[:1]))
     return row
 
 
