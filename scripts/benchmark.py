@@ -7,7 +7,8 @@ For every model and every pruning configuration (``none`` first, then each ``--p
   model and of the pruned part (``net.pruned_part()``: the blocks after the first pruning point, the
   pruners' grid modules, and the decoder where it runs in a window), and the token sparsity;
 - per batch size and autocast dtype: median latency, throughput, the time ratio of the whole model and of
-  the pruned part alone (forward hooks around the pruned part's modules), the pruner calls' share of the
+  the pruned part alone (:class:`PartTimer`: from the first entry into a part module to the last exit,
+  the glue code between them included, time in other modules taken off), the pruner calls' share of the
   unpruned time, and the peak memory of that configuration measured on its own (a fresh process per
   configuration on CPU, peak RSS over its baseline; ``torch.cuda.max_memory_allocated`` after a reset on
   GPU), so the figure is that configuration's and not the process's;
@@ -124,43 +125,60 @@ def is_pruned(net: nn.Module) -> bool:
 
 
 class PartTimer:
-    """Wall-clock time spent inside the modules named by ``net.pruned_part()``, summed per forward.
+    """Wall-clock time of the pruned part (``net.pruned_part()``) in one forward, glue code included.
 
-    Every module under those names is hooked and a call counts from the moment the first of them is
-    entered until all have returned, so a backbone that runs a stage's blocks itself (not through the
-    stage container) is timed as well, and nested calls are counted once.
+    The part's span runs from the first entry into one of its modules to the last exit from one; the
+    time spent in that span inside modules outside the part (the maximal ones, e.g. a decoder block
+    that runs between two windowed ones) is taken off. What a backbone does between the part's
+    modules (gathers, scatters, window bookkeeping, merges) thus counts, as it counts in the unpruned
+    model, whose stages are single module calls.
     """
 
     def __init__(self, net: nn.Module, names: list[str], device: torch.device) -> None:
-        timed = {
-            id(module): module
-            for name, module in net.named_modules()
-            if any(name == n or name.startswith(n + ".") for n in names)
-        }
+        def under(name: str, prefix: str) -> bool:
+            return name == prefix or name.startswith(prefix + ".")
+
+        modules = dict(net.named_modules())
+        part = {n for n in modules if n and any(under(n, p) for p in names)}
+        holds_part = {n for n in modules if any(under(p, n) for p in part)}  # ancestors (and the part)
+        rest = [n for n in modules if n and n not in holds_part and n.rpartition(".")[0] in holds_part | {""}]
         self.device = device
         self.total = 0.0
-        self._depth = 0
-        self._start = 0.0
         self.handles = []
-        for module in timed.values():
+        self._events: list[tuple[bool, float, float]] = []
+        self._open: dict[int, float] = {}
+        for name in sorted(part) + rest:
+            module = modules[name]
+            is_part = name in part
             self.handles.append(module.register_forward_pre_hook(self._enter))
-            self.handles.append(module.register_forward_hook(self._leave))
+            self.handles.append(module.register_forward_hook(self._leaver(is_part)))
 
-    def _sync(self) -> None:
+    def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if self._depth == 0:
-            self._sync()
-            self._start = time.perf_counter()
-        self._depth += 1
+        self._open[id(module)] = self._now()
 
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._sync()
-            self.total += time.perf_counter() - self._start
+    def _leaver(self, is_part: bool) -> Callable[..., None]:
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            self._events.append((is_part, self._open.pop(id(module)), self._now()))
+
+        return leave
+
+    def start(self) -> None:
+        """Forget the events of earlier forwards."""
+        self._events.clear()
+
+    def stop(self) -> float:
+        """Seconds of the part in the forward since :meth:`start`."""
+        spans = [(t0, t1) for is_part, t0, t1 in self._events if is_part]
+        if not spans:
+            return 0.0
+        begin, end = min(t0 for t0, _ in spans), max(t1 for _, t1 in spans)
+        inside = [t1 - t0 for is_part, t0, t1 in self._events if not is_part and t0 >= begin and t1 <= end]
+        return end - begin - sum(inside)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -238,9 +256,9 @@ def measure_times(
                 timer = PartTimer(net, rows[i]["part_names"], device)
                 try:
                     for _ in range(per_round):
-                        timer.total = 0.0
+                        timer.start()
                         net(x, b)
-                        part_times[i].append(timer.total * 1e3)
+                        part_times[i].append(timer.stop() * 1e3)
                 finally:
                     timer.remove()
                 if is_pruned(net):
@@ -407,8 +425,9 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: 
         " part = `net.pruned_part()` (the blocks after the first pruning point, the pruners' grid modules,"
         " a windowed decoder); ratios are pruned / the same model unpruned (`none`);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
-        " interleaved rounds over all configurations of a model; part time: forward hooks around the"
-        " pruned part's modules; scoring share = the pruner calls alone / the unpruned model's time;"
+        " interleaved rounds over all configurations of a model; part time: from the first entry into a"
+        " part module to the last exit (glue code between them included; time in other modules inside"
+        " that span taken off); scoring share = the pruner calls alone / the unpruned model's time;"
         " peak MB = the configuration's peak memory over its baseline, measured on its own (CPU: a fresh"
         " process, peak RSS; GPU: max_memory_allocated); `tBbN_dtype` = batch N under that autocast dtype",
         "- per stage (hierarchical models): fraction of the stage's grid pruned, and the share of the"

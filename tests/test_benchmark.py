@@ -47,3 +47,41 @@ def test_one_run_covers_several_backbones_refusals_and_stages(tmp_path):
     assert pruned["stage3_pruned"] > 0 and 0 < pruned["stage3_tokenwise_saved"] < 1
     table = (tmp_path / "bench.md").read_text()
     assert "## swin_unetr_small" in table and "Per stage (swin_unetr_small)" in table
+
+
+def test_part_time_counts_the_glue_between_part_modules_and_not_other_modules():
+    import time
+
+    import torch
+    from torch import nn
+
+    class Sleep(nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Identity(), nn.Identity()
+            self.decoder = Sleep(0.08)
+
+        def forward(self, x):
+            x = self.first(x)
+            time.sleep(0.04)  # glue inside the part's span: counts
+            x = self.decoder(x)  # a module outside the part inside the span: taken off
+            x = self.second(x)
+            time.sleep(0.08)  # after the part's last module: not the part's
+            return x
+
+    net = Net()
+    timer = _module().PartTimer(net, ["first", "second"], torch.device("cpu"))
+    timer.start()
+    net(torch.zeros(1))
+    part = timer.stop()
+    timer.remove()
+    assert 0.04 <= part < 0.075

@@ -34,6 +34,29 @@ def test_drop_pads_unequal_counts_with_invalid_zero_slots():
     assert kept.slots.tolist() == kept.valid.tolist()
 
 
+@pytest.mark.parametrize("mode", ["drop", "mask"])
+def test_keeping_every_place_gives_the_full_grid_for_the_unpruned_code(mode):
+    kept = _full().select(torch.ones(2, 6, dtype=torch.bool), mode)
+    assert kept.is_full_grid
+    assert torch.equal(kept.tokens, _grid_tokens()) and torch.equal(kept.to_grid(), _grid_tokens())
+
+
+def test_equal_counts_mark_the_gathered_set_complete_and_unequal_ones_do_not():
+    equal = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    unequal = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert _full().select(equal, "drop").complete
+    assert not _full().select(unequal, "drop").complete
+    assert not _full().select(equal, "drop").is_full_grid
+
+
+def test_rezero_of_a_complete_set_changes_nothing_and_of_a_padded_set_zeroes_the_padding():
+    unequal = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    padded = _full().select(unequal, "drop")
+    ones = torch.ones_like(padded.tokens)
+    assert torch.equal(padded.rezero(ones)[1, 1:], torch.zeros(3, 3))
+    assert torch.equal(_full().rezero(torch.ones(2, 6, 3)), torch.ones(2, 6, 3))
+
+
 def test_mask_keeps_the_grid_and_zeroes_pruned_places():
     keep = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
     masked = _full().select(keep, "mask")

@@ -121,15 +121,17 @@ class PrunableSegformerLayer(SegformerLayer):
         height: int,
         width: int,
         stage_grid: TokenSet | None = None,
+        key_bias: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
-        """``hidden_states`` ``(B, N, C)``: the whole ``height x width`` grid, or the alive tokens."""
+        """``hidden_states`` ``(B, N, C)``: the whole ``height x width`` grid, or the alive tokens of
+        ``stage_grid``, whose keys ``key_bias`` masks (:func:`stage_key_bias`, once per stage)."""
         if stage_grid is None:
             return super().forward(hidden_states, height, width, **kwargs)
         layout = stage_grid
         residual = hidden_states
         x = layout.rezero(self.layernorm_before(hidden_states))
-        x = layout.rezero(_attention_on_kept(self.attention, x, layout))
+        x = layout.rezero(_attention_on_kept(self.attention, x, layout, key_bias))
         x = self.drop_path(self.hidden_dropout(x)) + residual
 
         residual = x
@@ -142,11 +144,22 @@ class PrunableSegformerLayer(SegformerLayer):
         return self.drop_path(x) + residual
 
 
-def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: TokenSet) -> Tensor:
+def stage_key_bias(layout: TokenSet, sr: int, dtype: torch.dtype) -> Tensor | None:
+    """The additive key mask ``(B, 1, 1, K)`` of a stage's attention (0 / ``-inf``, :func:`stage_key_keep`),
+    or None when every key may be read; the same for every block of the stage."""
+    if sr == 1 and layout.complete:
+        return None
+    return KeyMask(stage_key_keep(layout, sr)).additive(dtype)
+
+
+def _attention_on_kept(
+    attn: SegformerAttention, tokens: Tensor, layout: TokenSet, key_bias: Tensor | None
+) -> Tensor:
     """Efficient self-attention of the alive ``tokens`` ``(B, N, C)`` (normed, re-zeroed) -> ``(B, N, C)``.
 
     Queries and the output projection run on the alive tokens; at ``sr > 1`` keys and values come from the
-    zero-filled grid through the reduction convolution and its LayerNorm.
+    zero-filled grid through the reduction convolution and its LayerNorm. ``key_bias``: the stage's
+    :func:`stage_key_bias` (unused under a differentiable keep, which weights the keys instead).
     """
     b, n, _ = tokens.shape
     sr = attn.sequence_reduction_ratio
@@ -169,7 +182,7 @@ def _attention_on_kept(attn: SegformerAttention, tokens: Tensor, layout: TokenSe
         query,
         key,
         value,
-        KeyMask(stage_key_keep(layout, sr)).additive(query.dtype),
+        key_bias,
         dropout=attn.attention_dropout if attn.training else 0.0,
         scaling=attn.scaling,
     )
@@ -376,10 +389,19 @@ class PrunableSegFormer(nn.Module):
 
     @staticmethod
     def _run_pruned_stage(stage: nn.Module, alive: TokenSet) -> TokenSet:
-        """A stage's blocks and LayerNorm on its kept tokens (the same layout, normed tokens)."""
+        """A stage's blocks and LayerNorm on its kept tokens (the same layout, normed tokens).
+
+        A stage none of whose places is pruned in any image runs the library's blocks on the grid, which
+        compute the same as the pruned forward with nothing to leave out (and without its gathers)."""
         x = alive.tokens
+        if alive.is_full_grid:
+            for block in stage.blocks:
+                x = block(x, *alive.grid_hw)
+            return alive.with_tokens(stage.layer_norm(x))
+        sr = stage.blocks[0].attention.sequence_reduction_ratio
+        key_bias = None if alive.weight is not None else stage_key_bias(alive, sr, x.dtype)
         for block in stage.blocks:
-            x = block(x, *alive.grid_hw, stage_grid=alive)
+            x = block(x, *alive.grid_hw, stage_grid=alive, key_bias=key_bias)
         return alive.with_tokens(stage.layer_norm(x))
 
     def stage_names(self) -> list[str]:

@@ -69,7 +69,7 @@ from prato_exp.pruning.base import (
 )
 from prato_exp.pruning.execute import apply_pruner
 from prato_exp.pruning.trace import PruningTrace
-from prato_exp.tokens.attention_mask import KeyMask, KeyPolicy
+from prato_exp.tokens.attention_mask import KeyPolicy
 from prato_exp.tokens.token_set import TokenSet, child_keep, child_merged_into, child_weight
 from prato_exp.tokens.windows import (
     WindowBatch,
@@ -104,9 +104,8 @@ def window_attention(
     index = attn.relative_position_index[:t, :t].reshape(-1)
     bias = attn.relative_position_bias_table[index].reshape(t, t, -1).permute(2, 0, 1)  # (nh, T, T)
     logits = (q * attn.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)  # (Wa, nh, T, T)
-    if batch.shift_mask is not None:
-        logits = logits + batch.shift_mask.unsqueeze(1)
-    logits = KeyMask(batch.key_ok).apply(logits)
+    if batch.attn_bias is not None:  # the shift mask and -inf on the slots that are no keys, in one add
+        logits = logits + batch.attn_bias
     probs = attn.softmax(logits) if key_weight is None else KeyPolicy(key_weight).softmax(logits)
     probs = attn.attn_drop(probs).to(v.dtype)
     return (probs @ v).transpose(1, 2).reshape(wa, t, c)
@@ -430,18 +429,32 @@ class PrunableSwinUNETR(nn.Module):
 
     @staticmethod
     def _run_blocks(layer: BasicLayer, state: _PrunedGrid) -> tuple[_PrunedGrid, list[Tensor]]:
-        """Run the Swin blocks of ``layer`` on the alive tokens of ``state``."""
+        """Run the Swin blocks of ``layer`` on the alive tokens of ``state``.
+
+        A stage none of whose places is pruned in any image runs MONAI's blocks on the grid: the pruned
+        forward with nothing to leave out computes the same, with gathers on top."""
         alive = state.alive
-        key_alive = alive.valid
-        rezero = None if bool(key_alive.all()) else key_alive
-        fraction = alive.keep_grid().sum(dim=1).to(alive.tokens.dtype) / alive.num_grid
-        batches: dict[tuple[tuple[int, ...], tuple[int, ...]], WindowBatch] = {}
         tokens = alive.tokens
+        if alive.is_full_grid:
+            fraction = tokens.new_ones(tokens.shape[0])
+            b, (h, w) = tokens.shape[0], alive.grid_hw
+            grid = tokens.reshape(b, h, w, -1)
+            for block in layer.blocks:
+                window, shift = get_window_size(alive.grid_hw, block.window_size, block.shift_size)
+                grid = block(grid, window_layout(alive.grid_hw, window, shift, tokens.device).shift_mask)
+            tokens = grid.reshape(b, h * w, -1)
+            return _PrunedGrid(alive.with_tokens(tokens), state.carry), [fraction] * len(layer.blocks)
+        key_alive = alive.valid
+        rezero = None if alive.complete or bool(key_alive.all()) else key_alive
+        fraction = alive.keep_grid().sum(dim=1).to(tokens.dtype) / alive.num_grid
+        batches: dict[tuple[tuple[int, ...], tuple[int, ...]], WindowBatch] = {}
         for block in layer.blocks:
             window, shift = get_window_size(alive.grid_hw, block.window_size, block.shift_size)
             if (window, shift) not in batches:
                 layout = window_layout(alive.grid_hw, window, shift, tokens.device)
-                batches[window, shift] = window_batch(layout, alive.positions, alive.slots, key_alive)
+                batches[window, shift] = window_batch(
+                    layout, alive.positions, alive.slots, key_alive, all_valid=alive.complete
+                )
             tokens = block(
                 tokens,
                 windows=batches[window, shift],

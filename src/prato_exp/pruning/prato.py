@@ -59,7 +59,7 @@ from prato_exp.pruning.base import (
     TokenPruner,
 )
 from prato_exp.pruning.budget import TokenBudget
-from prato_exp.tokens.token_set import TokenSet
+from prato_exp.tokens.token_set import TokenSet, scatter_slots
 
 QueryMode = Literal["roialign", "naive"]
 
@@ -78,10 +78,7 @@ def tokens_to_grid(tokens: Tensor, positions: Tensor, valid: Tensor, grid_hw: tu
     """
     b, _, c = tokens.shape
     h, w = grid_hw
-    z = h * w
-    index = torch.where(valid, positions, torch.full_like(positions, z))
-    flat = tokens.new_zeros(b, z + 1, c).scatter(1, index.unsqueeze(-1).expand(-1, -1, c), tokens)
-    return flat[:, :z].transpose(1, 2).reshape(b, c, h, w)
+    return scatter_slots(tokens, positions, valid, h * w).transpose(1, 2).reshape(b, c, h, w)
 
 
 def roialign_queries(grid: Tensor, box_xyxy: Tensor, image_hw: tuple[int, int], k: int) -> Tensor:

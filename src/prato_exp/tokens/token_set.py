@@ -48,6 +48,10 @@ class TokenSet:
     on_grid: bool = False
     weight: Tensor | None = None
     merged_into: Tensor | None = None
+    complete: bool = False
+    """Known to have every slot valid (no padding, nothing masked): re-zeroing is the identity. Set where
+    that is known without a look at ``valid`` (:meth:`full`, :meth:`select` with equal counts), so the
+    fast paths cost no device sync."""
 
     @classmethod
     def full(cls, tokens: Tensor, grid_hw: tuple[int, int]) -> TokenSet:
@@ -58,12 +62,18 @@ class TokenSet:
             raise ValueError(f"{z} tokens do not fill a {grid_hw[0]} x {grid_hw[1]} grid")
         positions = torch.arange(z, device=tokens.device).expand(b, z)
         valid = torch.ones(b, z, dtype=torch.bool, device=tokens.device)
-        return cls(tokens, positions, valid, (int(grid_hw[0]), int(grid_hw[1])), on_grid=True)
+        return cls(tokens, positions, valid, (int(grid_hw[0]), int(grid_hw[1])), on_grid=True, complete=True)
 
     @property
     def num_grid(self) -> int:
         """``Z = h * w``."""
         return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def is_full_grid(self) -> bool:
+        """Every grid place alive, slot ``n`` = place ``n``, nothing weighted or merged: what the
+        unpruned library code computes on (a backbone may run its own blocks on such a set)."""
+        return self.complete and self.on_grid and self.weight is None and self.merged_into is None
 
     @property
     def slots(self) -> Tensor:
@@ -74,7 +84,7 @@ class TokenSet:
         """This grid-layout set with every place running and reads weighted by ``weight`` ``(B, Z)``."""
         if not self.on_grid:
             raise ValueError("a weighted token set needs the grid layout (TokenSet.full)")
-        return replace(self, valid=torch.ones_like(self.valid), weight=weight)
+        return replace(self, valid=torch.ones_like(self.valid), weight=weight, complete=False)
 
     def with_tokens(self, tokens: Tensor) -> TokenSet:
         """The same layout holding new ``tokens`` ``(B, N, C')``."""
@@ -96,6 +106,8 @@ class TokenSet:
         """``tokens`` (default: the set's) ``(B, N, C)`` with every slot that is not alive set to zero
         (a weighted set: times its weight)."""
         tokens = self.tokens if tokens is None else tokens
+        if self.weight is None and self.complete:
+            return tokens
         alive = self.valid if self.weight is None else self.weight
         return tokens * alive[..., None].to(tokens.dtype)
 
@@ -105,26 +117,30 @@ class TokenSet:
         if self.weight is not None:
             raise ValueError("a weighted token set is not selected from; carry its weight (child_weight)")
         keep = keep & self.valid
+        if mode not in ("drop", "mask"):
+            raise ValueError(f"unknown select mode {mode!r}")
+        counts = keep.sum(dim=1)
+        least, most = (int(v) for v in torch.aminmax(counts)) if counts.numel() else (0, 0)
+        if self.on_grid and least == self.num_grid:  # nothing pruned in any image
+            return replace(self, valid=keep, complete=True)
         if mode == "drop":
-            order, valid = kept_order(keep)
+            order, valid = kept_order(keep, most)
             return TokenSet(
-                gather_slots(self.tokens, order, valid),
-                gather_slots(self.positions, order, valid),
+                gather_slots(self.tokens, order, valid, padded=least != most),
+                gather_slots(self.positions, order, valid, padded=least != most),
                 valid,
                 self.grid_hw,
                 merged_into=self.merged_into,
+                complete=least == most,
             )
-        if mode == "mask":
-            if self.on_grid:
-                grid, alive = self, keep
-            else:
-                grid = self._as_grid_layout()
-                alive = write_to_grid(torch.zeros_like(grid.valid), keep, self.positions, self.valid)
-            tokens = grid.tokens * alive[..., None].to(grid.tokens.dtype)
-            return TokenSet(
-                tokens, grid.positions, alive, self.grid_hw, on_grid=True, merged_into=self.merged_into
-            )
-        raise ValueError(f"unknown select mode {mode!r}")
+        if self.on_grid:
+            grid, alive = self, keep
+        else:
+            grid = self._as_grid_layout()
+            alive = write_to_grid(torch.zeros_like(grid.valid), keep, self.positions, self.valid)
+        tokens = grid.tokens * alive[..., None].to(grid.tokens.dtype)
+        merged_into = self.merged_into
+        return TokenSet(tokens, grid.positions, alive, self.grid_hw, on_grid=True, merged_into=merged_into)
 
     def _as_grid_layout(self) -> TokenSet:
         return replace(TokenSet.full(self._scattered(), self.grid_hw), valid=self.keep_grid())
@@ -137,6 +153,8 @@ class TokenSet:
         return grid if self.merged_into is None else unmerge(grid, self.merged_into)
 
     def _scattered(self, fill: Tensor | None = None) -> Tensor:
+        if self.on_grid and self.complete and self.weight is None:
+            return self.tokens
         if self.on_grid:
             grid = self.rezero()
             return grid if fill is None else torch.where(self.valid[..., None], grid, fill)
@@ -151,7 +169,7 @@ class TokenSet:
         """``(B, C', h, w)`` map -> ``(B, N, C')`` its values at the set's slots (zero where not alive)."""
         flat = feature_map.flatten(2).transpose(1, 2)  # (B, Z, C')
         if not self.on_grid:
-            flat = torch.gather(flat, 1, self.positions[..., None].expand(-1, -1, flat.shape[-1]))
+            flat = gather_slots(flat.contiguous(), self.positions, self.valid, padded=False)
         return self.rezero(flat)
 
 
@@ -227,24 +245,41 @@ def child_weight(weight: Tensor, grid_hw: tuple[int, int], stride: int = 2) -> T
     return F.max_pool2d(weight.view(b, 1, *grid_hw), stride, stride, ceil_mode=True).flatten(1)
 
 
-def kept_order(keep: Tensor) -> tuple[Tensor, Tensor]:
+def kept_order(keep: Tensor, n_out: int | None = None) -> tuple[Tensor, Tensor]:
     """Slot order that puts the kept slots of ``keep`` ``(B, N)`` first, in ascending slot order.
 
-    Returns ``order`` ``(B, N_out)`` long (``N_out`` = the batch's largest kept count) and ``valid``
-    ``(B, N_out)`` bool, False on the padding slots of images that keep fewer.
+    Returns ``order`` ``(B, N_out)`` long (``N_out`` = the batch's largest kept count, which a caller
+    that knows it passes as ``n_out``) and ``valid`` ``(B, N_out)`` bool, False on the padding slots of
+    images that keep fewer.
     """
     counts = keep.sum(dim=1)
-    n_out = int(counts.max().item()) if counts.numel() else 0
+    if n_out is None:
+        n_out = int(counts.max().item()) if counts.numel() else 0
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n_out]
     valid = torch.arange(n_out, device=keep.device)[None, :] < counts[:, None]
     return order, valid
 
 
-def gather_slots(values: Tensor, order: Tensor, valid: Tensor) -> Tensor:
-    """``values`` ``(B, N, ...)`` gathered along dim 1 by ``order``; padding slots set to zero."""
-    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
-    gathered = torch.gather(values, 1, index)
-    pad = valid.reshape(*valid.shape, *([1] * (values.dim() - 2)))
+def flat_rows(index: Tensor, length: int) -> Tensor:
+    """``(B * N,)`` rows of a ``(B * length, ...)`` flattening for the per-image ``index`` ``(B, N)``.
+
+    Row gathers and copies (``index_select``, ``index_copy``) on the flattened tensor move whole rows;
+    on CPU they run several times faster than ``gather``/``scatter`` with an expanded index.
+    """
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * length
+    return (index + offsets).flatten()
+
+
+def gather_slots(values: Tensor, order: Tensor, valid: Tensor, padded: bool = True) -> Tensor:
+    """``values`` ``(B, N, ...)`` gathered along dim 1 by ``order`` ``(B, N_out)``; padding slots (``valid``
+    False) set to zero (``padded=False``: the caller knows there are none)."""
+    b, n = values.shape[:2]
+    trailing = values.shape[2:]
+    rows = values.reshape(b * n, *trailing).index_select(0, flat_rows(order, n))
+    gathered = rows.view(b, order.shape[1], *trailing)
+    if not padded:
+        return gathered
+    pad = valid.reshape(*valid.shape, *([1] * len(trailing)))
     return torch.where(pad, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
 
 
@@ -258,14 +293,16 @@ def scatter_slots(
     values: Tensor, positions: Tensor, valid: Tensor, num_grid: int, fill: Tensor | None = None
 ) -> Tensor:
     """``(B, Z, C)``: ``values`` ``(B, N, C)`` at their ``positions`` ``(B, N)``; places no ``valid``
-    slot points to hold ``fill`` ``(B, Z, C)`` (zeros when None). Padding slots are never written."""
+    slot points to hold ``fill`` ``(B, Z, C)`` (zeros when None). Padding slots are never written (they
+    go to a spare row that is cut off)."""
     b, _, c = values.shape
+    rows = torch.where(valid.flatten(), flat_rows(positions, num_grid), b * num_grid)
     if fill is None:
-        grid = values.new_zeros(b, num_grid, c)
+        base = values.new_zeros(b * num_grid + 1, c)
     else:
-        grid = fill.clone() * (~keep_on_grid(positions, valid, num_grid))[..., None].to(fill.dtype)
-    index = positions[..., None].expand(-1, -1, c)
-    return grid.scatter_add(1, index, values * valid[..., None].to(values.dtype))
+        base = torch.cat([fill.reshape(b * num_grid, c).to(values.dtype), values.new_zeros(1, c)])
+    grid = base.index_copy(0, rows, values.reshape(-1, c))
+    return grid[: b * num_grid].view(b, num_grid, c)
 
 
 def write_to_grid(grid: Tensor, values: Tensor, positions: Tensor, valid: Tensor) -> Tensor:

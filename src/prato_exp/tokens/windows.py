@@ -8,6 +8,7 @@ MONAI's ``window_partition(torch.roll(x, -shift))``, and gather only the windows
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -46,8 +47,17 @@ def window_layout(
     """The window layout of a ``grid_hw`` grid padded to a multiple of ``window`` and rolled by ``-shift``.
 
     A place ``(r, c)`` lands at ``((r - sh) mod Hp, (c - sw) mod Wp)`` (``torch.roll`` by ``-shift``),
-    then in window ``(r' // wh, c' // ww)`` at in-window index ``(r' % wh) * ww + c' % ww``.
+    then in window ``(r' // wh, c' // ww)`` at in-window index ``(r' % wh) * ww + c' % ww``. Layouts
+    depend on nothing but the arguments, so each is built once per process and shared (read-only).
     """
+    key = (tuple(int(v) for v in grid_hw), tuple(int(v) for v in window), tuple(int(v) for v in shift))
+    return _cached_layout(*key, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(
+    grid_hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> WindowLayout:
     (h, w), (wh, ww), (sh, sw) = grid_hw, window, shift
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     rows = (torch.arange(hp, device=device) - sh) % hp
@@ -80,6 +90,10 @@ class WindowBatch:
         pad: ``(Wa, T)`` bool, slots of padded places (they hold ``qkv(0)``, as in MONAI).
         key_ok: ``(Wa, T)`` bool, slots that may be attended to (alive tokens and padded places).
         shift_mask: ``(Wa, T, T)`` additive shift mask of each window, or None.
+        attn_bias: ``(Wa, 1, T, T)`` what the logits get added: the shift mask, ``-inf`` on the keys
+            outside ``key_ok``; None when there is neither.
+        has_pad: whether any computed window holds padded places.
+        all_valid: whether every token slot is valid (no padding slots in the token set).
     """
 
     windows: Tensor
@@ -87,13 +101,18 @@ class WindowBatch:
     pad: Tensor
     key_ok: Tensor
     shift_mask: Tensor | None
+    attn_bias: Tensor | None = None
+    has_pad: bool = True
+    all_valid: bool = False
 
     @property
     def num_slots(self) -> int:
         return self.pad.numel()
 
 
-def window_batch(layout: WindowLayout, positions: Tensor, valid: Tensor, key_alive: Tensor) -> WindowBatch:
+def window_batch(
+    layout: WindowLayout, positions: Tensor, valid: Tensor, key_alive: Tensor, all_valid: bool = False
+) -> WindowBatch:
     """Place the tokens ``positions`` ``(B, N)`` in ``layout``'s windows, computing only occupied ones.
 
     Args:
@@ -103,23 +122,47 @@ def window_batch(layout: WindowLayout, positions: Tensor, valid: Tensor, key_ali
         key_alive: ``(B, N)`` bool, tokens that may serve as keys (pruned tokens of ``mask`` mode
             are present but not alive). A window with no key at all (only possible for pruned
             tokens in ``mask`` mode) lets every slot be a key, so its rows stay finite.
+        all_valid: the caller knows ``valid`` is all True (the gathers then skip its masking).
     """
     b = positions.shape[0]
     t, nw = layout.window_tokens, layout.num_windows
-    slot = layout.slot_of_position[positions] + torch.arange(b, device=positions.device)[:, None] * (nw * t)
-    occupied = torch.zeros(b * nw, dtype=torch.bool, device=positions.device)
-    occupied[(slot // t)[valid]] = True
+    device = positions.device
+    slot = (layout.slot_of_position[positions] + torch.arange(b, device=device)[:, None] * (nw * t)).flatten()
+    window_of = slot // t  # (B * N,) window of each token, as image * nW + window
+    if not all_valid:  # padding slots point at a spare window past the end, cut off below
+        window_of = window_of.masked_fill(~valid.flatten(), b * nw)
+    occupied = torch.zeros(b * nw + 1, dtype=torch.bool, device=device).index_fill_(0, window_of, True)
+    occupied = occupied[: b * nw]
     windows = occupied.nonzero().squeeze(1)
     rank = torch.cumsum(occupied, dim=0) - 1
-    token_slot = rank[slot // t] * t + slot % t
-    token_slot = token_slot.masked_fill(~valid, windows.numel() * t)
+    wa = windows.numel()
+    token_slot = (rank[window_of.clamp(max=b * nw - 1)] * t + slot % t).view(b, -1)
+    if not all_valid:
+        token_slot = token_slot.masked_fill(~valid, wa * t)
     pad = layout.pad_slots[windows % nw]
-    key_ok = pad.flatten().clone()
-    key_ok[token_slot[valid & key_alive]] = True
+    is_key = (valid & key_alive).flatten()
+    key_slot = token_slot.flatten()
+    if not bool(is_key.all()):
+        key_slot = key_slot.masked_fill(~is_key, wa * t)
+    key_ok = torch.cat([pad.flatten(), pad.new_zeros(1)]).index_fill_(0, key_slot, True)[: wa * t]
     key_ok = key_ok.view_as(pad)
     key_ok = key_ok | ~key_ok.any(dim=1, keepdim=True)
     shift_mask = None if layout.shift_mask is None else layout.shift_mask[windows % nw]
-    return WindowBatch(windows, token_slot, pad, key_ok, shift_mask)
+    masks_keys = not bool(key_ok.all())
+    attn_bias = shift_mask
+    if masks_keys:
+        base = torch.zeros(key_ok.shape[0], t, t, device=key_ok.device) if shift_mask is None else shift_mask
+        attn_bias = base.masked_fill(~key_ok[:, None, :], float("-inf"))
+    return WindowBatch(
+        windows,
+        token_slot,
+        pad,
+        key_ok,
+        shift_mask,
+        attn_bias=None if attn_bias is None else attn_bias.unsqueeze(1),
+        has_pad=bool(layout.pad_slots.any()),
+        all_valid=all_valid,
+    )
 
 
 def gather_windows(values: Tensor, batch: WindowBatch, valid: Tensor, pad_value: Tensor) -> Tensor:
@@ -128,9 +171,15 @@ def gather_windows(values: Tensor, batch: WindowBatch, valid: Tensor, pad_value:
     Window slots with no token and no padding (pruned places) are zero.
     """
     wa, t = batch.pad.shape
-    flat = torch.where(batch.pad.reshape(-1, 1), pad_value.to(values.dtype), values.new_zeros(()))
-    flat = flat.index_put((batch.token_slot[valid],), values[valid])
-    return flat.view(wa, t, -1)
+    if batch.has_pad:
+        flat = torch.where(batch.pad.reshape(-1, 1), pad_value.to(values.dtype), values.new_zeros(()))
+    else:
+        flat = values.new_zeros(wa * t, values.shape[-1])
+    if batch.all_valid:
+        return flat.index_copy(0, batch.token_slot.flatten(), values.flatten(0, 1)).view(wa, t, -1)
+    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])  # padding slots write the spare last row
+    rows = batch.token_slot.masked_fill(~valid, wa * t).flatten()
+    return flat.index_copy(0, rows, values.flatten(0, 1))[: wa * t].view(wa, t, -1)
 
 
 def scatter_windows(windows: Tensor, batch: WindowBatch, valid: Tensor) -> Tensor:
@@ -138,7 +187,9 @@ def scatter_windows(windows: Tensor, batch: WindowBatch, valid: Tensor) -> Tenso
     flat = windows.reshape(-1, windows.shape[-1])
     if flat.shape[0] == 0:
         return windows.new_zeros(*batch.token_slot.shape, windows.shape[-1])
-    return flat[batch.token_slot.clamp(max=flat.shape[0] - 1)] * valid[..., None].to(flat.dtype)
+    rows = flat.index_select(0, batch.token_slot.clamp(max=flat.shape[0] - 1).flatten())
+    rows = rows.view(*batch.token_slot.shape, -1)
+    return rows if batch.all_valid else rows * valid[..., None].to(flat.dtype)
 
 
 _MERGE_ORDER = [(j, i) for i, j in itertools.product(range(2), range(2))]
