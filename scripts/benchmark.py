@@ -53,6 +53,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from torch import nn
 
+from prato_exp.cli.allocator import retain_freed_memory
 from prato_exp.cli.common import CONFIG_DIR, build_net, environment
 from prato_exp.cli.eval import load_checkpoint, load_net_weights
 from prato_exp.data.phantoms import SyntheticCardiacSource
@@ -412,13 +413,15 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: 
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
+    retained = getattr(args, "retained_memory", False)
+    allocator = "freed memory kept in the process (prato_exp.cli.allocator)" if retained else "glibc defaults"
     header = [
         f"# Benchmark: {', '.join(args.models)}",
         "",
         f"- command: `{command}`",
         f"- commit: {env['commit']}; torch {env['torch']}; {env['threads']} threads; device {args.device}"
         + (f" ({env['cuda']})" if env["cuda"] else ""),
-        f"- machine: {env['machine']}",
+        f"- machine: {env['machine']}; CPU allocator: {allocator}",
         f"- input {args.input_size} px, {args.images} cardiac phantoms (seed 123), tight (oracle) boxes;"
         " weights: random init unless the row says trained (--checkpoint)",
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
@@ -463,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-peak-memory", action="store_true", help="skip the per-configuration memory")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="time with glibc's malloc defaults (default: freed memory kept in the process, as training "
+        "does: prato_exp.cli.allocator; otherwise each configuration's buffers are page-faulted anew)",
+    )
     parser.add_argument(
         "--override", nargs="*", default=[], help="extra Hydra overrides, e.g. model.prune_after=[3,6,9]"
     )
@@ -563,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.retained_memory = False if args.glibc_defaults else retain_freed_memory()
     run(args, "python scripts/benchmark.py " + " ".join(argv))
     return 0
 
