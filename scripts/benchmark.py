@@ -19,8 +19,9 @@ For every model and every pruning configuration (``none`` first, then each ``--p
 A pair a backbone refuses (Evo-ViT in Swin UNETR, ...) is a row saying so. Weights are random unless
 ``--checkpoint`` gives trained ones (percentile counts do not depend on the weights; fixed thresholds and
 DToP's exits do). Every configuration gets the same phantom images with their tight (oracle) boxes.
-Latencies are timed in interleaved rounds, so a drift of the machine affects all configurations alike;
-run it alone on the machine.
+Latencies are timed in interleaved rounds, so a drift of the machine affects all configurations alike,
+and a copy of the unpruned model is timed as one more configuration (row ``none (A/A)``): its time ratios,
+ideally 1, show how far apart two identical networks time on this machine. Run it alone on the machine.
 
 Example (the four small presets, every pruner, CPU)::
 
@@ -35,6 +36,7 @@ Example (the four small presets, every pruner, CPU)::
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import gc
 import json
@@ -62,6 +64,9 @@ from prato_exp.data.transforms import resize_pair
 from prato_exp.metrics.efficiency import count_flops, measure_latency
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NOISE_ROW = "none (A/A)"
+"""The row of an identical copy of the unpruned model, timed like every other: its time ratios are the
+machine's noise floor for the model's other rows."""
 
 
 @dataclass(frozen=True)
@@ -428,7 +433,9 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: 
         " part = `net.pruned_part()` (the blocks after the first pruning point, the pruners' grid modules,"
         " a windowed decoder); ratios are pruned / the same model unpruned (`none`);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
-        " interleaved rounds over all configurations of a model; part time: from the first entry into a"
+        " interleaved rounds over all configurations of a model; `none (A/A)`: a copy of the unpruned model"
+        " timed as another configuration, so its ratios show the machine's noise floor; part time: from the"
+        " first entry into a"
         " part module to the last exit (glue code between them included; time in other modules inside"
         " that span taken off); scoring share = the pruner calls alone / the unpruned model's time;"
         " peak MB = the configuration's peak memory over its baseline, measured on its own (CPU: a fresh"
@@ -466,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-peak-memory", action="store_true", help="skip the per-configuration memory")
+    parser.add_argument(
+        "--no-noise-row",
+        action="store_true",
+        help=f"leave out the `{NOISE_ROW}` row (a copy of the unpruned model: the time ratios' noise floor)",
+    )
     parser.add_argument(
         "--glibc-defaults",
         action="store_true",
@@ -541,11 +553,17 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
                 step(f"{model} {config.pruning}: static")
             if len(mine) > 1 and mine[0]["pruning"] == "none":  # time the same modules unpruned
                 mine[0]["part_names"] = mine[1]["part_names"]
+            if nets and not args.no_noise_row:  # the unpruned model against a copy of itself
+                nets.append(copy.deepcopy(nets[0]))
+                mine.append({**mine[0], "pruning": NOISE_ROW})
+                rows.append(mine[-1])
             for bs in args.batch_sizes:
                 for dtype in args.dtypes:
                     measure_times(nets, mine, images, boxes, bs, dtype, args, device)
             if not args.no_peak_memory:
                 for row in mine:
+                    if row["pruning"] == NOISE_ROW:
+                        continue
                     config = Config(model, row["pruning"], None if row["mode"] == "-" else row["mode"])
                     for bs in args.batch_sizes:
                         for dtype in args.dtypes:

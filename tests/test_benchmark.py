@@ -45,6 +45,8 @@ def test_one_run_covers_several_backbones_refusals_and_stages(tmp_path):
     pruned = rows[("swin_unetr_small", "percentile50")]
     assert pruned["part_time_ratio_b1_fp32"] > 0 and pruned["flop_ratio"] < 1
     assert pruned["stage3_pruned"] > 0 and 0 < pruned["stage3_tokenwise_saved"] < 1
+    noise = rows[("unetr_small", "none (A/A)")]  # a copy of the unpruned model: same FLOPs, timed apart
+    assert noise["flop_ratio"] == 1 and noise["time_ratio_b1_fp32"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "## swin_unetr_small" in table and "Per stage (swin_unetr_small)" in table
 
