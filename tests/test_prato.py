@@ -151,6 +151,14 @@ def test_ste_scale_equals_keep_in_value():
     assert torch.equal(result.token_scale, result.keep.float())
 
 
+def test_no_straight_through_scale_without_gradients():
+    # in inference the scale would be 1 on every kept token: nothing to multiply
+    pruner = PrATo(8, k=2, d_v=4)
+    with torch.no_grad():
+        result = pruner(torch.randn(2, 16, 8), (4, 4), torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2), (64, 64))
+    assert result.token_scale is None
+
+
 def test_without_ste_no_gradient_reaches_projections():
     torch.manual_seed(0)
     pruner = PrATo(8, k=2, d_v=4, ste=False)

@@ -304,7 +304,8 @@ class PrATo(TokenPruner):
         query: ``"roialign"`` or ``"naive"`` (tokens with centres in the box).
         mode: how the backbone executes the keep mask (see :mod:`prato_exp.pruning.base`).
         fill: what pruned places hold when scattered back.
-        ste: return the straight-through ``token_scale`` so ``f1`` and ``f2`` train.
+        ste: return the straight-through ``token_scale`` so ``f1`` and ``f2`` train (only where the scores
+            carry gradients: its value is 1 on every kept token).
         soft: keep every token and scale it by ``s`` (requires ``mode="zero_once"``).
         context: what the backbone tells its pruners (unused: PrATo needs only ``dim``).
     """
@@ -379,7 +380,9 @@ class PrATo(TokenPruner):
             token_scale: Tensor | None = s.to(tokens.dtype)
         else:
             keep = self.budget.keep(s, valid)
-            token_scale = (keep.to(s.dtype) + (s - s.detach())).to(tokens.dtype) if self.ste else None
+            # the straight-through scale is 1 on every kept token: only its gradient matters
+            straight_through = self.ste and s.requires_grad
+            token_scale = (keep.to(s.dtype) + (s - s.detach())).to(tokens.dtype) if straight_through else None
         if query_mask is None:
             query_mask = torch.ones_like(out.entropy, dtype=torch.bool)
         extras = {
