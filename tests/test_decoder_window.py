@@ -8,6 +8,8 @@ from torch import nn
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.decoder_window import GridWindow, pruning_window
+from prato_exp.models.swin_unetr import DECODER_MODULES as SWIN_DECODER_MODULES
+from prato_exp.models.swin_unetr import PrunableSwinUNETR
 from prato_exp.models.transunet import PrunableTransUNet
 from prato_exp.models.unetr import DECODER_MODULES, PrunableUNETR
 from prato_exp.pruning.base import pruning_disabled
@@ -84,15 +86,17 @@ def _randomise_norms(net: nn.Module) -> None:
 
 
 def _assert_window_equals_masked_dense(
-    windowed: nn.Module, dense: nn.Module, masked: list[nn.Module]
+    windowed: nn.Module, dense: nn.Module, masked: list[nn.Module], size: int = SIZE
 ) -> None:
     """``windowed``'s logits equal ``dense``'s (same weights) with every module in ``masked`` reading
-    zeros outside the window, inside the window; background elsewhere."""
+    zeros outside the window, inside the window; background elsewhere. The window is cut on an 8 x 8
+    grid of the ``size`` px input (the boxes scaled from 128 px)."""
     _randomise_norms(windowed)
     dense.load_state_dict(windowed.state_dict())
     torch.manual_seed(1)
-    image = torch.rand(2, 1, SIZE, SIZE)
-    window = pruning_window(1, windowed.pruners, BOXES, (SIZE, SIZE), (8, 8))
+    image = torch.rand(2, 1, size, size)
+    boxes = BOXES * size / SIZE
+    window = pruning_window(1, windowed.pruners, boxes, (size, size), (8, 8))
     assert window is not None and window.size_hw == (4, 5)
 
     def mask_input(module, args):
@@ -100,10 +104,10 @@ def _assert_window_equals_masked_dense(
 
     handles = [module.register_forward_pre_hook(mask_input) for module in masked]
     with torch.no_grad():
-        got, want = windowed(image, BOXES).logits, dense(image, BOXES).logits
+        got, want = windowed(image, boxes).logits, dense(image, boxes).logits
     for handle in handles:
         handle.remove()
-    inside = window.mask(16).expand_as(got)
+    inside = window.mask(size // 8).expand_as(got)
     torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-4)
     assert bool((got.argmax(dim=1)[~inside[:, 0]] == 0).all())
 
@@ -165,3 +169,44 @@ def test_transunet_windowed_decoding_equals_the_masked_dense_decoder_inside():
     masked = [m for m in dense.decoder.modules() if isinstance(m, nn.Conv2d | nn.UpsamplingBilinear2d)]
     _assert_window_equals_masked_dense(windowed, dense, masked)
     assert windowed.pruned_part()[-1] == "decoder"
+
+
+def _swin(decoder_window=None) -> PrunableSwinUNETR:
+    """A small Swin UNETR at 256 px, so its 1/32 bottleneck, where the window is cut, is 8 x 8."""
+    torch.manual_seed(0)
+    return PrunableSwinUNETR(
+        1,
+        3,
+        img_size=2 * SIZE,
+        feature_size=12,
+        depths=(1, 1, 1, 1),
+        num_heads=(3, 3, 3, 3),
+        window_size=4,
+        norm_name="batch",
+        pruner=partial(PrATo, budget=TokenBudget(q=50)),
+        decoder_window=decoder_window,
+    )
+
+
+def test_swin_unetr_windowed_decoding_equals_the_masked_dense_decoder_inside():
+    windowed, dense = _swin(decoder_window=1).eval(), _swin().eval()
+    decoder = [getattr(dense.swin_unetr, name) for name in SWIN_DECODER_MODULES]
+    convs = [m for part in decoder for m in part.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    _assert_window_equals_masked_dense(windowed, dense, convs, size=2 * SIZE)
+
+
+def test_swin_unetr_decoder_flops_fall_with_the_window_area():
+    windowed, dense = _swin(decoder_window=1).eval(), _swin().eval()
+    image, boxes = torch.rand(2, 1, 2 * SIZE, 2 * SIZE), BOXES * 2
+    names = [f"swin_unetr.{m}" for m in SWIN_DECODER_MODULES]
+    got = count_flops(windowed, image, boxes).flops_under(names)
+    full = count_flops(dense, image, boxes).flops_under(names)
+    assert got == pytest.approx(full * 20 / 64, rel=1e-9)  # a 4 x 5 window of the 8 x 8 bottleneck grid
+    assert windowed.pruned_part()[-1] == "swin_unetr.out"
+
+
+def test_swin_unetr_without_pruning_decodes_everywhere():
+    net = _swin(decoder_window=0).eval()
+    image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
+    with pruning_disabled(net), torch.no_grad():
+        torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))

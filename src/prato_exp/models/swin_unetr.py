@@ -41,7 +41,7 @@ input otherwise); parameters, state-dict keys and outputs are unchanged wherever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,6 +56,7 @@ from monai.networks.nets.swin_unetr import (
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
+from prato_exp.models.decoder_window import background_logits, pruning_window, whole
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import (
     NoPruner,
@@ -81,6 +82,20 @@ from prato_exp.tokens.windows import (
 )
 
 NUM_STAGES = 4
+DECODER_MODULES = (
+    "encoder1",
+    "encoder2",
+    "encoder3",
+    "encoder4",
+    "encoder10",
+    "decoder5",
+    "decoder4",
+    "decoder3",
+    "decoder2",
+    "decoder1",
+    "out",
+)
+"""MONAI SwinUNETR's convolutional modules, all of which the decoder window crops."""
 
 
 def window_attention(
@@ -247,6 +262,11 @@ class PrunableSwinUNETR(nn.Module):
         pretrained: optional local path of a state dict for MONAI's ``SwinUNETR`` (never downloaded).
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
+        decoder_window: None (off: MONAI's dense decoder) or a margin: while a pruner is active, MONAI's
+            convolutional encoders and decoders run only on the box dilated by this many cells of the
+            bottleneck grid (1/32 of the input, the coarsest map the decoder reads, so every map's window
+            is whole pixels), and the rest of the image is background
+            (:mod:`prato_exp.models.decoder_window`).
     """
 
     display_name = "Swin UNETR"
@@ -272,8 +292,11 @@ class PrunableSwinUNETR(nn.Module):
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
+        decoder_window: int | None = None,
     ) -> None:
         super().__init__()
+        if decoder_window is not None and decoder_window < 0:
+            raise ValueError(f"model.decoder_window must be >= 0 cells or null (off), got {decoder_window}")
         if img_size % 32:
             raise ValueError(
                 f"SwinUNETR needs an input side divisible by 32 (patch 2, 4 merges), got {img_size}"
@@ -326,6 +349,8 @@ class PrunableSwinUNETR(nn.Module):
         )
         self.pruners = nn.ModuleDict({str(prune_after_stage): factory(dim=dim, context=context)})
         refuse_plain_vit_only(self.pruners[str(prune_after_stage)], "Swin UNETR")
+        self.decoder_window = decoder_window
+        self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.swin_unetr, pretrained, ignore=pretrained_ignore)
 
@@ -391,7 +416,12 @@ class PrunableSwinUNETR(nn.Module):
                 hidden.append(vit.proj_out(x, self.normalize))
             fractions += [ones] * sum(self.depths[point:])
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
-        return SegOutput(logits=trace.final_logits(self._decode(image, hidden)), trace=trace)
+        bottleneck_hw = (hidden[-1].shape[-2], hidden[-1].shape[-1])
+        window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image_hw, bottleneck_hw)
+        logits = self._decode(image, hidden, window.crop if window is not None else whole)
+        if window is not None:
+            logits = window.paste(logits, self.background)
+        return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     def _run_pruned(
         self,
@@ -505,10 +535,14 @@ class PrunableSwinUNETR(nn.Module):
         feature_map = grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *alive.grid_hw)
         return self.swin_unetr.swinViT.proj_out(feature_map, self.normalize)
 
-    def _decode(self, image: Tensor, hidden: Sequence[Tensor]) -> Tensor:
-        """MONAI's encoders and decoders on the five hidden states (as in ``SwinUNETR.forward``)."""
+    def _decode(
+        self, image: Tensor, hidden: Sequence[Tensor], crop: Callable[[Tensor], Tensor] = whole
+    ) -> Tensor:
+        """MONAI's encoders and decoders on the five hidden states (as in ``SwinUNETR.forward``), each
+        input cut to the decoder window by ``crop`` (the whole map by default)."""
         net = self.swin_unetr
-        enc0 = net.encoder1(image)
+        hidden = [crop(h) for h in hidden]
+        enc0 = net.encoder1(crop(image))
         enc1 = net.encoder2(hidden[0])
         enc2 = net.encoder3(hidden[1])
         enc3 = net.encoder4(hidden[2])
@@ -520,9 +554,12 @@ class PrunableSwinUNETR(nn.Module):
         return net.out(net.decoder1(dec0, enc0))
 
     def pruned_part(self) -> list[str]:
-        """Module names of the stages after the pruning point and the pruners' grid modules (FLOP ratios)."""
+        """Module names of the stages after the pruning point, the pruners' grid modules and, with a
+        decoder window, MONAI's convolutional encoders and decoders (FLOP ratios)."""
         stages = [f"swin_unetr.swinViT.layers{k}" for k in range(self.prune_after_stage + 1, NUM_STAGES + 1)]
-        return stages + grid_module_names(self.pruners)
+        windowed = self.decoder_window is not None
+        decoder = [f"swin_unetr.{name}" for name in DECODER_MODULES] if windowed else []
+        return stages + grid_module_names(self.pruners) + decoder
 
     def stage_names(self) -> list[str]:
         """Module names of the 4 encoder stages (per-stage FLOPs in benchmarks)."""

@@ -59,8 +59,8 @@ class RunRecord:
         experiment: the run's ``experiment`` config choice (the table preset), or None.
         budget: the training budget as text (epochs, samples seen, batch, lr, input size), or ``""``.
         machine: the machine the run trained on (platform, torch, threads, GPU), or ``""``.
-        decoder_window: the model's ``decoder_window`` margin in tokens (its decoder ran only around the
-            box), or None (dense decoder).
+        decoder_window: the model's ``decoder_window`` margin (its decoder ran only around the box), or
+            None (dense decoder).
         prompted: True when the run's network reads the box prompt: ``report.prompted`` where given, else
             a PrATo pruner or a truthy model key naming a box (``box_channel: true``).
         samples: the run's figure samples file, or None.

@@ -476,8 +476,9 @@ def caption(summary: TableSummary) -> list[str]:
     if windowed:
         which = ", ".join(f"{row} (margin {margin})" for row, margin in windowed)
         lines.append(
-            f"Decoder window: {which} ran the decoder only on the box dilated by that margin in tokens "
-            "and output background elsewhere, so these rows lean on the box prompt beyond token pruning."
+            f"Decoder window: {which} ran the decoder only on the box dilated by that margin (in tokens of "
+            "the pruned grid; in Swin UNETR, cells of its 1/32 bottleneck) and output background "
+            "elsewhere, so these rows lean on the box prompt beyond token pruning."
         )
     no_fg = sorted(
         {int(v) for r in runs if (v := _finite(r.metrics.get("counts/slice/no_foreground"))) is not None}
