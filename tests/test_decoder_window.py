@@ -8,6 +8,7 @@ from torch import nn
 
 from prato_exp.metrics.efficiency import count_flops
 from prato_exp.models.decoder_window import GridWindow, pruning_window
+from prato_exp.models.segformer import PrunableSegFormer
 from prato_exp.models.swin_unetr import DECODER_MODULES as SWIN_DECODER_MODULES
 from prato_exp.models.swin_unetr import PrunableSwinUNETR
 from prato_exp.models.transunet import PrunableTransUNet
@@ -43,6 +44,19 @@ def test_the_window_covers_each_images_dilated_box():
         r0, c0 = max(int(y0 // 16) - 1, 0), max(int(x0 // 16) - 1, 0)
         r1, c1 = min(-int(-y1 // 16) + 1, 8), min(-int(-x1 // 16) + 1, 8)
         assert inside[b, r0 * 16 : r1 * 16, c0 * 16 : c1 * 16].all()
+
+
+def test_inset_shrinks_the_window_only_where_it_does_not_reach_the_grid_edge():
+    # second image: rows 4..8 and columns 3..8 reach the bottom and right edges of the 8 x 8 grid
+    window = GridWindow.around_boxes(BOXES, (SIZE, SIZE), (8, 8), margin=1)
+    inner = window.mask(1, inset=1)[:, 0]
+
+    def spans(b: int) -> tuple[list[int], list[int]]:
+        rows, cols = inner[b].any(dim=1), inner[b].any(dim=0)
+        return rows.nonzero().flatten().tolist(), cols.nonzero().flatten().tolist()
+
+    assert spans(0) == ([2, 3], [0, 1, 2, 3])  # rows 1..4 inset on both sides; columns 0..4 on the right
+    assert spans(1) == ([5, 6, 7], [4, 5, 6, 7])  # inset at the top and left only
 
 
 def test_paste_puts_the_crop_back_and_fills_the_rest():
@@ -207,6 +221,54 @@ def test_swin_unetr_decoder_flops_fall_with_the_window_area():
 
 def test_swin_unetr_without_pruning_decodes_everywhere():
     net = _swin(decoder_window=0).eval()
+    image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
+    with pruning_disabled(net), torch.no_grad():
+        torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))
+
+
+def _segformer(decoder_window=None) -> PrunableSegFormer:
+    """A small SegFormer at 256 px, so its last stage's grid, where the window is cut, is 8 x 8."""
+    torch.manual_seed(0)
+    return PrunableSegFormer(
+        1,
+        3,
+        img_size=2 * SIZE,
+        hidden_sizes=(16, 32, 48, 64),
+        depths=(1, 1, 1, 1),
+        num_attention_heads=(1, 2, 3, 4),
+        decoder_hidden_size=32,
+        pruner=partial(PrATo, budget=TokenBudget(q=50)),
+        decoder_window=decoder_window,
+    )
+
+
+def test_segformer_windowed_decoding_is_the_dense_decoder_on_the_dilated_box():
+    windowed, dense = _segformer(decoder_window=1).eval(), _segformer().eval()
+    _randomise_norms(windowed)
+    dense.load_state_dict(windowed.state_dict())
+    image, boxes = torch.rand(2, 1, 2 * SIZE, 2 * SIZE), BOXES * 2
+    with torch.no_grad():
+        got, want = windowed(image, boxes).logits, dense(image, boxes).logits
+    dilated = GridWindow.around_boxes(boxes, (2 * SIZE, 2 * SIZE), (8, 8), margin=1).mask(32)
+    outer = pruning_window(2, windowed.pruners, boxes, (2 * SIZE, 2 * SIZE), (8, 8))
+    exact = outer.mask(32, inset=1)
+    assert bool((exact | ~dilated).all())  # the exact region covers each image's dilated box
+    torch.testing.assert_close(got[exact.expand_as(got)], want[exact.expand_as(want)], atol=1e-5, rtol=1e-4)
+    assert bool((got.argmax(dim=1)[~exact[:, 0]] == 0).all())
+
+
+def test_segformer_decoder_flops_fall_with_the_window():
+    windowed, dense = _segformer(decoder_window=1).eval(), _segformer().eval()
+    image, boxes = torch.rand(2, 1, 2 * SIZE, 2 * SIZE), BOXES * 2
+    got = count_flops(windowed, image, boxes).flops_under(["segformer.decode_head"])
+    full = count_flops(dense, image, boxes).flops_under(["segformer.decode_head"])
+    window = pruning_window(2, windowed.pruners, boxes, (2 * SIZE, 2 * SIZE), (8, 8))
+    assert got == pytest.approx(full * window.fraction(), rel=1e-9)
+    assert windowed.pruned_part()[-1] == "segformer.decode_head"
+
+
+def test_segformer_without_pruning_decodes_everywhere():
+    net = _segformer(decoder_window=0).eval()
     image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
     with pruning_disabled(net), torch.no_grad():
         torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))

@@ -106,13 +106,21 @@ class GridWindow:
             out[i, :, t * s : t * s + h, l_ * s : l_ * s + w] = crop[i]
         return out
 
-    def mask(self, scale: int, device: torch.device | None = None) -> Tensor:
-        """``(B, 1, gh scale, gw scale)`` bool, True inside each image's window."""
+    def mask(self, scale: int, device: torch.device | None = None, inset: int = 0) -> Tensor:
+        """``(B, 1, gh scale, gw scale)`` bool, True inside each image's window; with ``inset``, True
+        only at least ``inset`` cells inside every edge of the window that is not the grid's edge (where
+        a decoder that reads neighbours across the window's edge computes exactly)."""
         rows = torch.arange(self.grid_hw[0] * scale, device=device) // scale
         cols = torch.arange(self.grid_hw[1] * scale, device=device) // scale
         top, left = self.top.to(device)[:, None], self.left.to(device)[:, None]
-        in_rows = (rows >= top) & (rows < top + self.size_hw[0])
-        in_cols = (cols >= left) & (cols < left + self.size_hw[1])
+        bottom, right = top + self.size_hw[0], left + self.size_hw[1]
+        if inset:
+            top = top + inset * (top > 0)
+            left = left + inset * (left > 0)
+            bottom = bottom - inset * (bottom < self.grid_hw[0])
+            right = right - inset * (right < self.grid_hw[1])
+        in_rows = (rows >= top) & (rows < bottom)
+        in_cols = (cols >= left) & (cols < right)
         return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
 
 

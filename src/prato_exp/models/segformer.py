@@ -61,6 +61,7 @@ from transformers.models.segformer.modeling_segformer import (
 )
 
 from prato_exp.models.base import SegOutput
+from prato_exp.models.decoder_window import background_logits, pruning_window
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import (
     NoPruner,
@@ -213,6 +214,12 @@ class PrunableSegFormer(nn.Module):
         pretrained: optional local path of a ``SegformerForSemanticSegmentation`` state dict.
         pretrained_ignore: glob patterns of keys that may be missing, unknown or reshaped in
             ``pretrained`` (a partial load); any other mismatch is an error listing the keys.
+        decoder_window: None (off: the library's dense decoder) or a margin: while a pruner is active,
+            the all-MLP decoder and the final upsampling run only on the box dilated by this many cells
+            of the last stage's grid, plus one cell of context on every side that does not reach the
+            image's edge, and the rest of the image is background. The decoder's only cross-pixel
+            operation is bilinear upsampling, which reads one neighbour, so inside the dilated box the
+            logits are the dense decoder's exactly (:mod:`prato_exp.models.decoder_window`).
     """
 
     display_name = "SegFormer"
@@ -238,8 +245,11 @@ class PrunableSegFormer(nn.Module):
         pruner: PrunerFactory | None = None,
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
+        decoder_window: int | None = None,
     ) -> None:
         super().__init__()
+        if decoder_window is not None and decoder_window < 0:
+            raise ValueError(f"model.decoder_window must be >= 0 cells or null (off), got {decoder_window}")
         per_stage = {
             "hidden_sizes": hidden_sizes,
             "depths": depths,
@@ -302,6 +312,8 @@ class PrunableSegFormer(nn.Module):
                 "token has received any; use model=unetr, transunet or swin_unetr"
             )
         self.pruners = nn.ModuleDict({str(prune_at_stage - 1): point})
+        self.decoder_window = decoder_window
+        self.register_buffer("background", background_logits(out_channels), persistent=False)
         if pretrained:
             load_pretrained(self.segformer, pretrained, ignore=pretrained_ignore)
 
@@ -383,8 +395,17 @@ class PrunableSegFormer(nn.Module):
             hidden = _to_map(out, h, w)
 
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
-        logits = self.segformer.decode_head(tuple(maps))  # (B, K, H/4, W/4)
-        logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
+        margin = None if self.decoder_window is None else self.decoder_window + 1  # + 1 cell of context
+        window = pruning_window(margin, self.pruners, box_xyxy, image_hw, grid_hw)
+        if window is not None:
+            maps = [window.crop(m) for m in maps]
+        logits = self.segformer.decode_head(tuple(maps))  # (B, K, H/4, W/4), or the window's
+        out_hw = image_hw if window is None else tuple(4 * n for n in maps[0].shape[-2:])
+        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+        if window is not None:
+            exact = window.mask(image_hw[0] // grid_hw[0], logits.device, inset=1)  # (B, 1, H, W)
+            background = self.background.view(1, -1, 1, 1).to(logits.dtype)
+            logits = torch.where(exact, window.paste(logits, self.background), background)
         return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     @staticmethod
@@ -425,7 +446,8 @@ class PrunableSegFormer(nn.Module):
         prefix = "segformer.segformer.stages"
         names = [f"{prefix}.{s}.blocks", f"{prefix}.{s}.layer_norm"]
         later = [f"{prefix}.{i}" for i in range(s + 1, len(self.stages))]
-        return names + later + grid_module_names(self.pruners)
+        decoder = ["segformer.decode_head"] if self.decoder_window is not None else []
+        return names + later + grid_module_names(self.pruners) + decoder
 
     @torch.no_grad()
     def reference_forward(self, image: Tensor) -> Tensor:
