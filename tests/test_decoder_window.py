@@ -219,13 +219,6 @@ def test_swin_unetr_decoder_flops_fall_with_the_window_area():
     assert windowed.pruned_part()[-1] == "swin_unetr.out"
 
 
-def test_swin_unetr_without_pruning_decodes_everywhere():
-    net = _swin(decoder_window=0).eval()
-    image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
-    with pruning_disabled(net), torch.no_grad():
-        torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))
-
-
 def _segformer(decoder_window=None) -> PrunableSegFormer:
     """A small SegFormer at 256 px, so its last stage's grid, where the window is cut, is 8 x 8."""
     torch.manual_seed(0)
@@ -267,8 +260,9 @@ def test_segformer_decoder_flops_fall_with_the_window():
     assert windowed.pruned_part()[-1] == "segformer.decode_head"
 
 
-def test_segformer_without_pruning_decodes_everywhere():
-    net = _segformer(decoder_window=0).eval()
+@pytest.mark.parametrize("build", [_swin, _segformer], ids=["swin_unetr", "segformer"])
+def test_hierarchical_models_without_pruning_decode_everywhere(build):
+    net = build(decoder_window=0).eval()
     image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
     with pruning_disabled(net), torch.no_grad():
         torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))
