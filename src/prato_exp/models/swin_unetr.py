@@ -215,10 +215,8 @@ class PrunableSwinBlock(SwinTransformerBlock):
         slot_weight = None
         if key_weight is not None:  # padded places are keys, as in MONAI
             ones = key_weight.new_ones(1)
-            slot_weight = gather_windows(key_weight[..., None], windows, valid, ones).squeeze(-1)
-        attended = window_attention(
-            self.attn, gather_windows(qkv, windows, valid, pad_value), windows, slot_weight
-        )
+            slot_weight = gather_windows(key_weight[..., None], windows, ones).squeeze(-1)
+        attended = window_attention(self.attn, gather_windows(qkv, windows, pad_value), windows, slot_weight)
         attended = scatter_windows(attended, windows, valid)  # (B, N, C)
         x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
         if rezero is not None:

@@ -28,6 +28,7 @@ class WindowLayout:
         slot_of_position: ``(Z,)`` long, flat slot (``window * T + t``) of each row-major grid place.
         pad_slots: ``(nW, T)`` bool, True on slots of padded places (not grid places).
         shift_mask: ``(nW, T, T)`` MONAI's additive shift mask (0 / -100), None without a shift.
+        has_pad: whether the window does not divide the grid (some slots are padded places).
     """
 
     window: tuple[int, int]
@@ -35,6 +36,7 @@ class WindowLayout:
     slot_of_position: Tensor
     pad_slots: Tensor
     shift_mask: Tensor | None
+    has_pad: bool
 
     @property
     def window_tokens(self) -> int:
@@ -76,6 +78,7 @@ def _cached_layout(
         slot_of_position=slot[:h, :w].reshape(-1),
         pad_slots=pad_slots.view(num_windows, wh * ww),
         shift_mask=shift_mask,
+        has_pad=hp != h or wp != w,
     )
 
 
@@ -88,22 +91,19 @@ class WindowBatch:
         token_slot: ``(B, N)`` long, each token's row in the ``(Wa * T)`` flattened windows
             (``Wa * T`` for padding slots, which sit in no window).
         pad: ``(Wa, T)`` bool, slots of padded places (they hold ``qkv(0)``, as in MONAI).
-        key_ok: ``(Wa, T)`` bool, slots that may be attended to (alive tokens and padded places).
-        shift_mask: ``(Wa, T, T)`` additive shift mask of each window, or None.
-        attn_bias: ``(Wa, 1, T, T)`` what the logits get added: the shift mask, ``-inf`` on the keys
-            outside ``key_ok``; None when there is neither.
-        has_pad: whether any computed window holds padded places.
+        attn_bias: ``(Wa, 1, T, T)`` what the logits get added: the shift mask, and ``-inf`` on the
+            slots that may not be attended to (all but alive tokens and padded places); None when
+            there is neither.
+        has_pad: whether the layout has padded places at all.
         all_valid: whether every token slot is valid (no padding slots in the token set).
     """
 
     windows: Tensor
     token_slot: Tensor
     pad: Tensor
-    key_ok: Tensor
-    shift_mask: Tensor | None
-    attn_bias: Tensor | None = None
-    has_pad: bool = True
-    all_valid: bool = False
+    attn_bias: Tensor | None
+    has_pad: bool
+    all_valid: bool
 
     @property
     def num_slots(self) -> int:
@@ -157,18 +157,17 @@ def window_batch(
         windows,
         token_slot,
         pad,
-        key_ok,
-        shift_mask,
         attn_bias=None if attn_bias is None else attn_bias.unsqueeze(1),
-        has_pad=bool(layout.pad_slots.any()),
+        has_pad=layout.has_pad,
         all_valid=all_valid,
     )
 
 
-def gather_windows(values: Tensor, batch: WindowBatch, valid: Tensor, pad_value: Tensor) -> Tensor:
+def gather_windows(values: Tensor, batch: WindowBatch, pad_value: Tensor) -> Tensor:
     """Token values ``(B, N, D)`` into their windows ``(Wa, T, D)``; padded places get ``pad_value`` ``(D,)``.
 
-    Window slots with no token and no padding (pruned places) are zero.
+    Window slots with no token and no padding (pruned places) are zero; padding slots of the token set
+    are written nowhere (``batch.token_slot`` points them past the windows).
     """
     wa, t = batch.pad.shape
     if batch.has_pad:
@@ -177,9 +176,8 @@ def gather_windows(values: Tensor, batch: WindowBatch, valid: Tensor, pad_value:
         flat = values.new_zeros(wa * t, values.shape[-1])
     if batch.all_valid:
         return flat.index_copy(0, batch.token_slot.flatten(), values.flatten(0, 1)).view(wa, t, -1)
-    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])  # padding slots write the spare last row
-    rows = batch.token_slot.masked_fill(~valid, wa * t).flatten()
-    return flat.index_copy(0, rows, values.flatten(0, 1))[: wa * t].view(wa, t, -1)
+    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])  # padding slots (row Wa * T) write a spare row
+    return flat.index_copy(0, batch.token_slot.flatten(), values.flatten(0, 1))[: wa * t].view(wa, t, -1)
 
 
 def scatter_windows(windows: Tensor, batch: WindowBatch, valid: Tensor) -> Tensor:
