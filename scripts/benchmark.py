@@ -31,6 +31,14 @@ Example (the four small presets, every pruner, CPU)::
 
     # GPU, fp32 beside bf16 autocast
     python scripts/benchmark.py --models unetr --input-size 224 --batch-sizes 1 4 --dtypes fp32 bf16
+
+    # one table for several settings of one pruner: an entry takes Hydra overrides after `+`
+    python scripts/benchmark.py --models unetr_small --pruning percentile25 \\
+        percentile25+model.decoder_window=1 percentile50+experiment=fast \\
+        prato@fixed0.5 prato@fixed0.5+model.unequal_counts=group
+
+A row's pruned part (and so its part time ratio) is its own: the unpruned model's part time is measured
+for each distinct part of the rows beside it (an entry with other pruning points has another part).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from prato_exp.cli.eval import load_checkpoint, load_net_weights
 from prato_exp.data.phantoms import SyntheticCardiacSource
 from prato_exp.data.prompts import BoxPrompter
 from prato_exp.data.transforms import resize_pair
-from prato_exp.metrics.efficiency import count_flops, measure_latency
+from prato_exp.metrics.efficiency import FlopReport, count_flops, measure_latency
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NOISE_ROW = "none (A/A)"
@@ -71,7 +79,13 @@ machine's noise floor for the model's other rows."""
 
 @dataclass(frozen=True)
 class Config:
-    """One network to measure: ``model=<model> pruning=<pruning>`` in ``mode`` (None: the preset's)."""
+    """One network to measure: ``model=<model>`` with the ``--pruning`` entry ``pruning`` in ``mode``
+    (None: the preset's).
+
+    An entry is ``PRESET[@THRESHOLD][+KEY=VALUE...]``: a pruning preset (conf/pruning), optionally a
+    threshold choice (conf/threshold), then Hydra overrides of its own, e.g.
+    ``percentile50+experiment=fast`` or ``prato@fixed0.5+model.unequal_counts=group``.
+    """
 
     model: str
     pruning: str
@@ -79,6 +93,23 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "pruning": self.pruning, "mode": self.mode})
+
+    def overrides(self, size: int) -> list[str]:
+        """The Hydra overrides that build this configuration at input ``size``."""
+        head, *own = self.pruning.split("+")
+        preset, _, threshold = head.partition("@")
+        malformed = [o for o in own if "=" not in o or o.startswith("=")]
+        if not preset or malformed:
+            raise SystemExit(
+                f"--pruning entry {self.pruning!r}: expected PRESET[@THRESHOLD][+KEY=VALUE...], "
+                f"e.g. percentile25+model.decoder_window=1"
+            )
+        overrides = [f"model={self.model}", f"pruning={preset}", f"model.img_size={size}"]
+        if threshold:
+            overrides.append(f"threshold={threshold}")
+        if self.mode is not None:
+            overrides.append(f"pruning.mode={self.mode}")
+        return overrides + own
 
 
 def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,15 +128,11 @@ def phantom_batch(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build(config: Config, size: int, extra: list[str]) -> nn.Module:
     """The network of ``config`` from the project's configs, in eval mode, seeded weights.
 
-    ``config.pruning`` may name a threshold choice after ``@``: ``prato@fixed0.5`` is
-    ``pruning=prato threshold=fixed0.5``. A backbone's refusal of a pruner is raised as ValueError.
+    ``extra`` (``--override``) applies to every configuration; the entry's own overrides come after it,
+    so they win. A backbone's refusal of a pruner is raised as ValueError.
     """
-    preset, _, threshold = config.pruning.partition("@")
-    overrides = [f"model={config.model}", f"pruning={preset}", f"model.img_size={size}", *extra]
-    if threshold:
-        overrides.append(f"threshold={threshold}")
-    if config.mode is not None:
-        overrides.append(f"pruning.mode={config.mode}")
+    own = config.overrides(size)
+    overrides = [*own[:3], *extra, *own[3:]]  # model, pruning, size; then --override; then the entry's
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
@@ -227,20 +254,31 @@ def stage_figures(net: nn.Module, dense_report, report, image, box) -> dict[str,
     return figures
 
 
-def measure_static(net: nn.Module, dense: nn.Module | None, images, boxes) -> dict[str, Any]:
-    """FLOPs (batch 1, mean over the images), sparsity and per-stage figures of one network."""
+def flop_reports(net: nn.Module, images, boxes) -> list[FlopReport]:
+    """One FLOP report per image (batch 1) on the executed graph."""
+    return [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
+
+
+def measure_static(
+    net: nn.Module, reports: list[FlopReport], dense_reports: list[FlopReport], images, boxes
+) -> dict[str, Any]:
+    """FLOPs (batch 1, mean over the images), sparsity and per-stage figures of one network.
+
+    ``reports`` are the network's FLOP reports (:func:`flop_reports`), ``dense_reports`` the unpruned
+    model's on the same images: ``ref_part_gflops`` is the unpruned FLOPs of this network's own part,
+    the denominator of its part FLOP ratio.
+    """
     part = net.pruned_part()
-    reports = [count_flops(net, images[i : i + 1], boxes[i : i + 1]) for i in range(len(images))]
     row: dict[str, Any] = {
         "gflops": statistics.fmean(r.total_flops for r in reports) / 1e9,
         "part_gflops": statistics.fmean(r.flops_under(part) for r in reports) / 1e9,
+        "ref_part_gflops": statistics.fmean(r.flops_under(part) for r in dense_reports) / 1e9,
     }
     with torch.no_grad():
         sparsity = net(images, boxes).trace.sparsity()
     row["sparsity"] = 0.0 if sparsity is None else float(sparsity.mean())
     if hasattr(net, "stage_names"):  # per-stage figures need the unpruned model's FLOPs per stage
-        dense_report = count_flops(dense or net, images[:1], boxes[:1])
-        row.update(stage_figures(net, dense_report, reports[0], images[:1], boxes[:1]))
+        row.update(stage_figures(net, dense_reports[0], reports[0], images[:1], boxes[:1]))
     return row
 
 
@@ -248,25 +286,31 @@ def measure_times(
     nets: list[nn.Module], rows: list[dict[str, Any]], images, boxes, bs: int, dtype: str, args, device
 ) -> None:
     """Median latency, pruned-part time and pruner time of every network at batch ``bs`` under ``dtype``,
-    timed in ``args.rounds`` interleaved rounds."""
+    timed in ``args.rounds`` interleaved rounds.
+
+    A row's ``part_sets`` (the unpruned model's: one per distinct part of the pruned rows) are each
+    timed; the medians go to ``row["_part_ms"][suffix][part]``, the first also to ``part_ms_<suffix>``.
+    """
     x, b = batch_of(images, boxes, bs)
     per_round = max(1, args.repeats // args.rounds)
+    parts = [row.get("part_sets") or [tuple(row["part_names"])] for row in rows]
     times: list[list[float]] = [[] for _ in nets]
-    part_times: list[list[float]] = [[] for _ in nets]
+    part_times: list[dict[tuple[str, ...], list[float]]] = [{part: [] for part in p} for p in parts]
     prune_times: list[list[float]] = [[] for _ in nets]
     for round_index in range(args.rounds):
         warmup = args.warmup if round_index == 0 else 1
         for i, net in enumerate(nets):
             with torch.no_grad(), autocast(device, dtype):
                 times[i] += measure_latency(lambda n=net: n(x, b), warmup, per_round, device).times_ms
-                timer = PartTimer(net, rows[i]["part_names"], device)
-                try:
-                    for _ in range(per_round):
-                        timer.start()
-                        net(x, b)
-                        part_times[i].append(timer.stop() * 1e3)
-                finally:
-                    timer.remove()
+                for part in parts[i]:
+                    timer = PartTimer(net, list(part), device)
+                    try:
+                        for _ in range(per_round):
+                            timer.start()
+                            net(x, b)
+                            part_times[i][part].append(timer.stop() * 1e3)
+                    finally:
+                        timer.remove()
                 if is_pruned(net):
                     prune_times[i].append(time_pruners(net, x, b, per_round, device))
     suffix = f"b{bs}_{dtype}"
@@ -274,7 +318,9 @@ def measure_times(
         median = statistics.median(times[i])
         row[f"ms_{suffix}"] = median
         row[f"img_per_s_{suffix}"] = bs / (median / 1e3)
-        row[f"part_ms_{suffix}"] = statistics.median(part_times[i])
+        by_part = {part: statistics.median(values) for part, values in part_times[i].items()}
+        row.setdefault("_part_ms", {})[suffix] = by_part
+        row[f"part_ms_{suffix}"] = by_part[parts[i][0]]
         if prune_times[i]:
             row[f"prune_ms_{suffix}"] = statistics.median(prune_times[i])
 
@@ -340,10 +386,12 @@ def add_ratios(rows: list[dict[str, Any]], timings: list[str]) -> None:
         if row["status"] != "ok" or ref is None:
             continue
         row["flop_ratio"] = row["gflops"] / ref["gflops"]
-        row["part_flop_ratio"] = row["part_gflops"] / ref["part_gflops"] if ref["part_gflops"] else None
+        row["part_flop_ratio"] = (
+            row["part_gflops"] / row["ref_part_gflops"] if row["ref_part_gflops"] else None
+        )
         for t in timings:
             row[f"time_ratio_{t}"] = row[f"ms_{t}"] / ref[f"ms_{t}"]
-            ref_part = ref.get(f"part_ms_{t}")
+            ref_part = ref["_part_ms"][t].get(tuple(row["part_names"]))  # the same modules, unpruned
             row[f"part_time_ratio_{t}"] = row[f"part_ms_{t}"] / ref_part if ref_part else None
             if f"prune_ms_{t}" in row:
                 row[f"prune_share_{t}"] = row[f"prune_ms_{t}"] / ref[f"ms_{t}"]
@@ -460,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pruning",
         nargs="+",
         default=["percentile25", "percentile50", "percentile75"],
-        help="pruning presets; `preset@threshold` adds a threshold choice, e.g. prato@fixed0.5",
+        help="pruning entries PRESET[@THRESHOLD][+KEY=VALUE...]: a preset (conf/pruning), a threshold "
+        "choice, Hydra overrides of this entry alone; e.g. prato@fixed0.5, percentile50+experiment=fast",
     )
     parser.add_argument("--modes", nargs="+", default=["drop"], help="execution modes of each pruning entry")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
@@ -515,7 +564,7 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
 
 def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     """Measure every configuration of every model; returns the rows (also written with ``--out``)."""
-    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
+    checkpoints = dict(item.rsplit("=", 1) for item in args.checkpoint)  # entries may hold "="
     known = {f"{m}/{p}" for m in args.models for p in ["none", *args.pruning]}
     if set(checkpoints) - known:
         raise SystemExit(f"--checkpoint names {sorted(set(checkpoints) - known)}, not among {sorted(known)}")
@@ -530,7 +579,7 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
         for model in args.models:
             configs = [Config(model, "none", None)]
             configs += [Config(model, p, m) for p in args.pruning for m in args.modes]
-            nets, mine, dense = [], [], None
+            nets, mine, dense, dense_reports = [], [], None, None
             for config in configs:
                 row: dict[str, Any] = {"model": model, "pruning": config.pruning, "mode": config.mode or "-"}
                 try:
@@ -543,19 +592,21 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
                 if key in checkpoints:
                     load_net_weights(net, load_checkpoint(checkpoints[key]), checkpoints[key])
                 net = net.to(device)
-                dense = dense or net
                 row |= {"status": "ok", "weights": "trained" if key in checkpoints else "random"}
-                row |= measure_static(net, dense, images, boxes)
+                reports = flop_reports(net, images, boxes)
+                dense, dense_reports = dense or net, dense_reports or reports
+                row |= measure_static(net, reports, dense_reports, images, boxes)
                 row["part_names"] = net.pruned_part() if is_pruned(net) else dense.pruned_part()
                 nets.append(net)
                 mine.append(row)
                 rows.append(row)
                 step(f"{model} {config.pruning}: static")
-            if len(mine) > 1 and mine[0]["pruning"] == "none":  # time the same modules unpruned
-                mine[0]["part_names"] = mine[1]["part_names"]
+            if len(mine) > 1 and mine[0]["pruning"] == "none":  # time each pruned row's part unpruned
+                mine[0]["part_sets"] = list(dict.fromkeys(tuple(r["part_names"]) for r in mine[1:]))
+                mine[0]["part_names"] = mine[0]["part_sets"][0]
             if nets and not args.no_noise_row:  # the unpruned model against a copy of itself
                 nets.append(copy.deepcopy(nets[0]))
-                mine.append({**mine[0], "pruning": NOISE_ROW})
+                mine.append({**mine[0], "pruning": NOISE_ROW, "part_sets": None})
                 rows.append(mine[-1])
             for bs in args.batch_sizes:
                 for dtype in args.dtypes:
@@ -572,9 +623,10 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
                             ]
             del nets
             gc.collect()
-    for row in rows:
-        row.pop("part_names", None)
     add_ratios(rows, timings)
+    for row in rows:
+        for key in ("part_names", "part_sets", "_part_ms"):
+            row.pop(key, None)
     tables = markdown_tables(rows, timings)
     print(tables)
     if args.out:

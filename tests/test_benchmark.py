@@ -87,3 +87,33 @@ def test_part_time_counts_the_glue_between_part_modules_and_not_other_modules():
     part = timer.stop()
     timer.remove()
     assert 0.04 <= part < 0.075
+
+
+def test_an_entrys_own_overrides_win_over_the_runs():
+    benchmark = _module()
+    entry = benchmark.Config("unetr_small", "prato@fixed0.5+model.prune_after=[1,2]", None)
+    net = benchmark.build(entry, 64, ["model.prune_after=[3]", "model.decoder_window=1"])
+    assert list(net.prune_after) == [1, 2] and net.decoder_window == 1
+    assert net.pruners["1"].budget.tau == 0.5
+
+
+@pytest.mark.parametrize("entry", ["+model.decoder_window=1", "percentile50+decoder_window"])
+def test_a_malformed_entry_names_itself_and_the_grammar(entry):
+    benchmark = _module()
+    with pytest.raises(SystemExit, match=r"PRESET\[@THRESHOLD\]\[\+KEY=VALUE"):
+        benchmark.Config("unetr_small", entry, None).overrides(64)
+
+
+def test_each_rows_part_time_is_against_the_same_modules_unpruned(tmp_path):
+    benchmark = _module()
+    args = ["--models", "unetr_small", "--pruning", "percentile50", "percentile50+model.prune_after=[1]"]
+    args += ["--input-size", "64", "--batch-sizes", "1", "--repeats", "1", "--rounds", "1", "--warmup", "0"]
+    args += ["--images", "1", "--threads", "1", "--no-peak-memory", "--no-noise-row"]
+    args += ["--out", str(tmp_path / "bench")]
+    assert benchmark.main(args) == 0
+    rows = {r["pruning"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    late, early = rows["percentile50"], rows["percentile50+model.prune_after=[1]"]
+    # the unpruned FLOPs of each row's own part: blocks 2-12 against blocks 4-12
+    assert early["ref_part_gflops"] == pytest.approx(late["ref_part_gflops"] * 11 / 9, rel=1e-6)
+    assert early["part_flop_ratio"] < 0.6 and late["part_flop_ratio"] < 0.6  # each halves its own part
+    assert early["part_time_ratio_b1_fp32"] is not None and late["part_time_ratio_b1_fp32"] is not None
