@@ -282,6 +282,16 @@ def measure_static(
     return row
 
 
+def batch_flops(net: nn.Module, images, boxes, batch_sizes: list[int]) -> dict[str, float]:
+    """GFLOPs per image of one forward at each batch size above 1: where images keep different counts
+    and the batch is padded to its largest, this exceeds the batch-1 mean (``gflops``) by the padding."""
+    return {
+        f"gflops_per_img_b{bs}": count_flops(net, *batch_of(images, boxes, bs)).total_flops / bs / 1e9
+        for bs in batch_sizes
+        if bs > 1
+    }
+
+
 def measure_times(
     nets: list[nn.Module], rows: list[dict[str, Any]], images, boxes, bs: int, dtype: str, args, device
 ) -> None:
@@ -386,6 +396,8 @@ def add_ratios(rows: list[dict[str, Any]], timings: list[str]) -> None:
         if row["status"] != "ok" or ref is None:
             continue
         row["flop_ratio"] = row["gflops"] / ref["gflops"]
+        for key in [k for k in row if k.startswith("gflops_per_img_")]:
+            row[key.replace("gflops_per_img_", "flop_ratio_")] = row[key] / ref[key]
         row["part_flop_ratio"] = (
             row["part_gflops"] / row["ref_part_gflops"] if row["ref_part_gflops"] else None
         )
@@ -412,6 +424,9 @@ def markdown_tables(rows: list[dict[str, Any]], timings: list[str]) -> str:
         ("part FLOP ratio", "part_flop_ratio", _fmt("{:.3f}")),
         ("sparsity", "sparsity", _fmt("{:.3f}")),
     ]
+    batched = {k.removeprefix("flop_ratio_") for r in rows for k in r if k.startswith("flop_ratio_b")}
+    batched = sorted(batched, key=lambda b: int(b[1:]))
+    cols += [(f"FLOP ratio {b} (per image)", f"flop_ratio_{b}", _fmt("{:.3f}")) for b in batched]
     for t in timings:
         cols += [
             (f"ms {t}", f"ms_{t}", _fmt("{:.1f}")),
@@ -479,7 +494,9 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: 
         " weights: random init unless the row says trained (--checkpoint)",
         "- GFLOPs: FlopCounterMode on the executed graph, eval mode, batch 1 (multiply-add = 2 FLOPs);"
         " part = `net.pruned_part()` (the blocks after the first pruning point, the pruners' grid modules,"
-        " a windowed decoder); ratios are pruned / the same model unpruned (`none`);"
+        " a windowed decoder); ratios are pruned / the same model unpruned (`none`); FLOP ratio bN (per"
+        " image): FLOPs of one batch-N forward over N, against the unpruned model's (where images keep"
+        " different counts, padding to the batch's largest count shows here and not at batch 1);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
         " interleaved rounds over all configurations of a model; `none (A/A)`: a copy of the unpruned model"
         " timed as another configuration, so its ratios show the machine's noise floor; part time: from the"
@@ -596,6 +613,7 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
                 reports = flop_reports(net, images, boxes)
                 dense, dense_reports = dense or net, dense_reports or reports
                 row |= measure_static(net, reports, dense_reports, images, boxes)
+                row |= batch_flops(net, images, boxes, args.batch_sizes)
                 row["part_names"] = net.pruned_part() if is_pruned(net) else dense.pruned_part()
                 nets.append(net)
                 mine.append(row)

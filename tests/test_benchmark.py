@@ -117,3 +117,15 @@ def test_each_rows_part_time_is_against_the_same_modules_unpruned(tmp_path):
     assert early["ref_part_gflops"] == pytest.approx(late["ref_part_gflops"] * 11 / 9, rel=1e-6)
     assert early["part_flop_ratio"] < 0.6 and late["part_flop_ratio"] < 0.6  # each halves its own part
     assert early["part_time_ratio_b1_fp32"] is not None and late["part_time_ratio_b1_fp32"] is not None
+
+
+def test_per_image_flops_of_a_batch_equal_the_batch1_mean_when_every_image_keeps_the_same_count():
+    import statistics
+
+    benchmark = _module()
+    net = benchmark.build(benchmark.Config("unetr_small", "percentile50", None), 64, [])
+    images, boxes = benchmark.phantom_batch(64, 2)
+    batch1_mean = statistics.fmean(r.total_flops for r in benchmark.flop_reports(net, images, boxes)) / 1e9
+    per_image = benchmark.batch_flops(net, images, boxes, [1, 4])
+    assert list(per_image) == ["gflops_per_img_b4"]  # batch 1 is the `gflops` column
+    assert per_image["gflops_per_img_b4"] == pytest.approx(batch1_mean, rel=1e-9)
