@@ -90,3 +90,21 @@ def test_rescoring_a_trained_checkpoint_at_q50_prunes_twice_as_many_tokens(tmp_p
     assert at_50["metrics"]["val/sparsity"] == pytest.approx(0.50, abs=0.03)
     stored = json.loads((tmp_path / "q50" / "metrics.json").read_text())
     assert stored["metrics"]["val/sparsity"] == at_50["metrics"]["val/sparsity"]
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("dense", None), ("1", 1), ("0", 0)])
+def test_the_decoder_window_can_change_at_evaluation(choice, expected):
+    trained = _run_cfg("percentile25")
+    cfg = rescoring_config(compose_eval(["ckpt=x", f"decoder_window={choice}"]), trained)
+    assert cfg.model.decoder_window == expected
+
+
+def test_by_default_the_decoder_window_is_the_checkpoints():
+    trained = _run_cfg("percentile25")
+    trained.model.decoder_window = 2
+    assert rescoring_config(compose_eval(["ckpt=x"]), trained).model.decoder_window == 2
+
+
+def test_a_bad_decoder_window_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"decoder_window must be checkpoint, dense or a margin >= 0.*-1"):
+        rescoring_config(compose_eval(["ckpt=x", "decoder_window=-1"]), _run_cfg("percentile25"))

@@ -224,3 +224,14 @@ def test_table3_preset_runs_and_the_report_cells_are_the_runs_mean_and_std(table
     markdown = (tmp_path / "report" / "table3_roialign_k_synthetic_cardiac.md").read_text()
     assert "oracle boxes from the ground truth" in markdown and "final-epoch weights" in markdown
     assert any(f.stem.name.startswith("fig3") or f.stem.name.startswith("fig7") for f in result["figures"])
+
+
+def test_the_decoder_window_sweep_tests_each_window_against_the_dense_decoder_of_its_condition():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="eval", overrides=["rescore=decoder_window", "ckpt=x"], return_hydra_config=True
+        )
+    assert str(cfg.hydra.sweeper.params.decoder_window).split(",") == ["dense", "0", "1"]
+    run = compose_eval(["rescore=decoder_window", "ckpt=x", "prompt=partial", "decoder_window=1"])
+    report = OmegaConf.to_container(run.report, resolve=True)
+    assert (report["row"], report["reference_row"]) == ("partial, decoder 1", "partial, decoder dense")

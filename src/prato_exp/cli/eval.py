@@ -97,6 +97,7 @@ EVAL_KEYS = frozenset(
         "trainer",
         "logger",
         "report",
+        "decoder_window",
     }
 )
 """Top-level keys of ``eval.yaml``; anything else on the command line (``+model.x=...``) is refused."""
@@ -126,7 +127,30 @@ def rescoring_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
             run_cfg.model.pruner[key] = value
         if changes:
             log.info("re-scoring with pruning changes %s", changes)
+    window = decoder_window_choice(cfg.get("decoder_window", "checkpoint"))
+    if window != "checkpoint":
+        if "decoder_window" not in run_cfg.model:
+            raise ValueError(
+                f"decoder_window={cfg.decoder_window}: the checkpoint's model ({run_cfg.model._target_}) has "
+                "no decoder window; use decoder_window=checkpoint"
+            )
+        run_cfg.model.decoder_window = window
+        log.info("decoder window: %s", "dense decoder" if window is None else f"margin {window}")
     return run_cfg
+
+
+def decoder_window_choice(value: Any) -> int | str | None:
+    """``eval.yaml``'s ``decoder_window`` as the model's value: ``"checkpoint"`` (keep the trained
+    model's), None for ``dense`` (the full decoder) or a margin ``>= 0``.
+
+    The window changes no learned parameter, only where the decoder runs, so a checkpoint can be scored
+    with and without it (item 1 of the speed issue: its accuracy under each prompt condition).
+    """
+    if value in ("checkpoint", "dense"):
+        return None if value == "dense" else value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"decoder_window must be checkpoint, dense or a margin >= 0 (tokens), got {value!r}")
 
 
 def _pruning_changes(trained: DictConfig, requested: DictConfig) -> dict[str, Any]:
