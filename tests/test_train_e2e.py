@@ -173,3 +173,14 @@ def test_metrics_json_keeps_the_learning_curve(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert [p["epoch"] for p in metrics["val_history"]] == [1, 2]
     assert all(0.0 <= p["dsc_mean"] <= 1.0 for p in metrics["val_history"])
+
+
+def test_last_checkpoint_holds_the_final_epoch_even_when_it_did_not_improve(tmp_path):
+    # a monitored value that never changes improves once (epoch 0) and never again
+    unchanging = ["pruning=percentile25", "checkpoint.monitor=val/sparsity", "checkpoint.mode=max"]
+    cfg = compose_train([*TINY, "dataset=synthetic_lesion", "trainer.max_epochs=2", *unchanging])
+    results = train(cfg, tmp_path / "run")
+    best = torch.load(results["best_checkpoint"], weights_only=False)
+    last = torch.load(results["last_checkpoint"], weights_only=False)
+    assert Path(results["last_checkpoint"]).name == "last.ckpt"
+    assert (best["epoch"], last["epoch"]) == (0, 1)

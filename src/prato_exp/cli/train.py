@@ -74,10 +74,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         filename="best-{epoch:03d}",
         monitor=cfg.checkpoint.monitor,
         mode=cfg.checkpoint.mode,
-        save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint, NonFiniteLossGuard(), EpochSeed(cfg.seed)]
+    # its own callback: Lightning 2.6's save_last writes last.ckpt only when the monitored metric improved,
+    # so after a final epoch that did not improve, "last" held an earlier epoch's weights
+    latest = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+    )
+    callbacks = [checkpoint, latest, NonFiniteLossGuard(), EpochSeed(cfg.seed)]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg.get("progress_every_percent", 10)))
@@ -112,7 +116,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "choices": hydra_choices(),
         "seed": cfg.seed,
         "best_checkpoint": best,
-        "last_checkpoint": checkpoint.last_model_path or None,
+        "last_checkpoint": latest.best_model_path or None,
         "scored_checkpoint": "best on validation" if policy == "best" else "final epoch",
         "data_seconds": data_seconds,
         "train_seconds": train_seconds,
