@@ -144,7 +144,7 @@ def decoder_window_choice(value: Any) -> int | str | None:
     model's), None for ``dense`` (the full decoder) or a margin ``>= 0``.
 
     The window changes no learned parameter, only where the decoder runs, so a checkpoint can be scored
-    with and without it (item 1 of the speed issue: its accuracy under each prompt condition).
+    with and without it (conf/rescore/decoder_window.yaml: under each prompt condition).
     """
     if value in ("checkpoint", "dense"):
         return None if value == "dense" else value
