@@ -19,9 +19,11 @@ For every model and every pruning configuration (``none`` first, then each ``--p
 A pair a backbone refuses (Evo-ViT in Swin UNETR, ...) is a row saying so. Weights are random unless
 ``--checkpoint`` gives trained ones (percentile counts do not depend on the weights; fixed thresholds and
 DToP's exits do). Every configuration gets the same phantom images with their tight (oracle) boxes.
-Latencies are timed in interleaved rounds, so a drift of the machine affects all configurations alike,
-and a copy of the unpruned model is timed as one more configuration (row ``none (A/A)``): its time ratios,
-ideally 1, show how far apart two identical networks time on this machine. Run it alone on the machine.
+Latencies are timed in interleaved rounds (forwards in even rounds, backwards in odd ones); a time
+ratio is the median over rounds of the row's round latency over the unpruned model's in the same round,
+with a 95 % bootstrap interval, so a drift of the machine between rounds cancels. A copy of the
+unpruned model is timed as one more configuration (row ``none (A/A)``): its time ratios, ideally 1,
+show how far apart two identical networks time on this machine. Run it alone on the machine.
 
 Example (the four small presets, every pruner, CPU)::
 
@@ -48,6 +50,7 @@ import copy
 import csv
 import gc
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -305,13 +308,17 @@ def measure_times(
     per_round = max(1, args.repeats // args.rounds)
     parts = [row.get("part_sets") or [tuple(row["part_names"])] for row in rows]
     times: list[list[float]] = [[] for _ in nets]
+    round_ms: list[list[float]] = [[] for _ in nets]
     part_times: list[dict[tuple[str, ...], list[float]]] = [{part: [] for part in p} for p in parts]
     prune_times: list[list[float]] = [[] for _ in nets]
     for round_index in range(args.rounds):
         warmup = args.warmup if round_index == 0 else 1
-        for i, net in enumerate(nets):
+        for i in round_order(len(nets), round_index):
+            net = nets[i]
             with torch.no_grad(), autocast(device, dtype):
-                times[i] += measure_latency(lambda n=net: n(x, b), warmup, per_round, device).times_ms
+                timed = measure_latency(lambda n=net: n(x, b), warmup, per_round, device).times_ms
+                times[i] += timed
+                round_ms[i].append(statistics.median(timed))
                 for part in parts[i]:
                     timer = PartTimer(net, list(part), device)
                     try:
@@ -328,6 +335,7 @@ def measure_times(
         median = statistics.median(times[i])
         row[f"ms_{suffix}"] = median
         row[f"img_per_s_{suffix}"] = bs / (median / 1e3)
+        row.setdefault("_round_ms", {})[suffix] = round_ms[i]
         by_part = {part: statistics.median(values) for part, values in part_times[i].items()}
         row.setdefault("_part_ms", {})[suffix] = by_part
         row[f"part_ms_{suffix}"] = by_part[parts[i][0]]
@@ -402,7 +410,9 @@ def add_ratios(rows: list[dict[str, Any]], timings: list[str]) -> None:
             row["part_gflops"] / row["ref_part_gflops"] if row["ref_part_gflops"] else None
         )
         for t in timings:
-            row[f"time_ratio_{t}"] = row[f"ms_{t}"] / ref[f"ms_{t}"]
+            ratio, low, high = paired_ratio(row["_round_ms"][t], ref["_round_ms"][t])
+            row[f"time_ratio_{t}"] = ratio
+            row[f"time_ratio_ci_{t}"] = [low, high]
             ref_part = ref["_part_ms"][t].get(tuple(row["part_names"]))  # the same modules, unpruned
             row[f"part_time_ratio_{t}"] = row[f"part_ms_{t}"] / ref_part if ref_part else None
             if f"prune_ms_{t}" in row:
@@ -431,6 +441,7 @@ def markdown_tables(rows: list[dict[str, Any]], timings: list[str]) -> str:
         cols += [
             (f"ms {t}", f"ms_{t}", _fmt("{:.1f}")),
             (f"time ratio {t}", f"time_ratio_{t}", _fmt("{:.3f}")),
+            (f"95% CI {t}", f"time_ratio_ci_{t}", lambda ci: f"{ci[0]:.3f}-{ci[1]:.3f}"),
             (f"part time ratio {t}", f"part_time_ratio_{t}", _fmt("{:.3f}")),
             (f"img/s {t}", f"img_per_s_{t}", _fmt("{:.1f}")),
             (f"peak MB {t}", f"peak_mb_{t}", _fmt("{:.0f}")),
@@ -498,10 +509,12 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], tables: 
         " image): FLOPs of one batch-N forward over N, against the unpruned model's (where images keep"
         " different counts, padding to the batch's largest count shows here and not at batch 1);"
         f" latency: median of {args.repeats} runs after {args.warmup} warm-up runs, timed in {args.rounds}"
-        " interleaved rounds over all configurations of a model; `none (A/A)`: a copy of the unpruned model"
-        " timed as another configuration, so its ratios show the machine's noise floor; part time: from the"
-        " first entry into a"
-        " part module to the last exit (glue code between them included; time in other modules inside"
+        " interleaved rounds over all configurations of a model (forwards in even rounds, backwards in odd"
+        " ones); time ratio: the median over rounds of the row's median in a round over the unpruned"
+        " model's in the same round, with its 95% bootstrap interval (CI); `none (A/A)`: a copy of the"
+        " unpruned model timed as another configuration, so its ratios show the machine's noise floor;"
+        " part time: from the first entry into a part module to the last exit (glue code between them"
+        " included; time in other modules inside"
         " that span taken off); scoring share = the pruner calls alone / the unpruned model's time;"
         " peak MB = the configuration's peak memory over its baseline, measured on its own (CPU: a fresh"
         " process, peak RSS; GPU: max_memory_allocated); `tBbN_dtype` = batch N under that autocast dtype",
@@ -579,6 +592,26 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
         yield step
 
 
+def round_order(count: int, round_index: int) -> list[int]:
+    """The order the ``count`` configurations run in round ``round_index``: forwards in even rounds,
+    backwards in odd ones, so no configuration always runs first, last or after the same neighbour."""
+    order = list(range(count))
+    return order if round_index % 2 == 0 else order[::-1]
+
+
+def paired_ratio(
+    times: list[float], ref_times: list[float], resamples: int = 2000
+) -> tuple[float, float, float]:
+    """The median over rounds of ``times[k] / ref_times[k]`` (each round's median latency against the
+    reference's in the same round, so a drift of the machine between rounds cancels) and a 95 % bootstrap
+    interval of that median (seeded: the same figures give the same interval)."""
+    ratios = [t / r for t, r in zip(times, ref_times, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    low, high = medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    return statistics.median(ratios), low, high
+
+
 def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     """Measure every configuration of every model; returns the rows (also written with ``--out``)."""
     checkpoints = dict(item.rsplit("=", 1) for item in args.checkpoint)  # entries may hold "="
@@ -643,7 +676,7 @@ def run(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
             gc.collect()
     add_ratios(rows, timings)
     for row in rows:
-        for key in ("part_names", "part_sets", "_part_ms"):
+        for key in ("part_names", "part_sets", "_part_ms", "_round_ms"):
             row.pop(key, None)
     tables = markdown_tables(rows, timings)
     print(tables)

@@ -129,3 +129,18 @@ def test_per_image_flops_of_a_batch_equal_the_batch1_mean_when_every_image_keeps
     per_image = benchmark.batch_flops(net, images, boxes, [1, 4])
     assert list(per_image) == ["gflops_per_img_b4"]  # batch 1 is the `gflops` column
     assert per_image["gflops_per_img_b4"] == pytest.approx(batch1_mean, rel=1e-9)
+
+
+def test_rounds_alternate_direction_so_no_configuration_always_runs_first():
+    benchmark = _module()
+    assert [benchmark.round_order(3, k) for k in range(3)] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+
+
+def test_time_ratio_pairs_rounds_so_a_drift_between_rounds_cancels():
+    benchmark = _module()
+    reference = [100.0, 200.0, 400.0, 800.0, 1600.0]  # the machine slows down round by round
+    ratio, low, high = benchmark.paired_ratio([0.9 * t for t in reference], reference)
+    assert ratio == pytest.approx(0.9) and low == pytest.approx(0.9) and high == pytest.approx(0.9)
+    # per-round ratios 0.9, 1.1, 1.0, 1.1, 0.9: their median, and an interval that shows their spread
+    ratio, low, high = benchmark.paired_ratio([90.0, 220.0, 400.0, 880.0, 1440.0], reference)
+    assert ratio == pytest.approx(1.0) and low == pytest.approx(0.9) and high == pytest.approx(1.1)
