@@ -244,7 +244,7 @@ def test_segformer_windowed_decoding_is_the_dense_decoder_on_the_dilated_box():
         got, want = windowed(image, boxes).logits, dense(image, boxes).logits
     dilated = GridWindow.around_boxes(boxes, (2 * SIZE, 2 * SIZE), (8, 8), margin=1).mask(32)
     outer = pruning_window(2, windowed.pruners, boxes, (2 * SIZE, 2 * SIZE), (8, 8))
-    exact = outer.mask(32, inset=1)
+    exact = outer.own_mask(32, inset=1)
     assert bool((exact | ~dilated).all())  # the exact region covers each image's dilated box
     torch.testing.assert_close(got[exact.expand_as(got)], want[exact.expand_as(want)], atol=1e-5, rtol=1e-4)
     assert bool((got.argmax(dim=1)[~exact[:, 0]] == 0).all())
@@ -266,3 +266,38 @@ def test_hierarchical_models_without_pruning_decode_everywhere(build):
     image = torch.rand(1, 1, 2 * SIZE, 2 * SIZE)
     with pruning_disabled(net), torch.no_grad():
         torch.testing.assert_close(net(image, BOXES[:1] * 2).logits, net.reference_forward(image))
+
+
+def test_each_image_keeps_its_own_box_when_another_box_sets_a_larger_window():
+    boxes = torch.tensor([[20.0, 40.0, 50.0, 60.0], [0.0, 0.0, 128.0, 128.0]])  # the second: an empty slice
+    window = GridWindow.around_boxes(boxes, (SIZE, SIZE), (8, 8), margin=0)
+    assert window.is_full and not window.covers_every_grid
+    own = window.own_mask(1)[:, 0]
+    assert own[1].all()
+    rows, cols = own[0].any(dim=1).nonzero().flatten(), own[0].any(dim=0).nonzero().flatten()
+    assert (rows.tolist(), cols.tolist()) == ([2, 3], [1, 2, 3])  # box rows 40..60, columns 20..50 px
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "own_margin", "inset"),
+    [
+        (partial(_net, decoder_window=0), SIZE, 0, 0),
+        (partial(_transunet, decoder_window=0), SIZE, 0, 0),
+        (partial(_swin, decoder_window=0), 2 * SIZE, 0, 0),
+        (partial(_segformer, decoder_window=0), 2 * SIZE, 1, 1),  # one cell of context, exact one inside
+    ],
+    ids=["unetr", "transunet", "swin_unetr", "segformer"],
+)
+def test_outside_its_own_box_an_image_is_background_even_beside_a_whole_image_box(
+    build, size, own_margin, inset
+):
+    net = build().eval()
+    boxes = torch.tensor([[20.0, 40.0, 50.0, 60.0], [0.0, 0.0, 128.0, 128.0]]) * (size / SIZE)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        logits = net(torch.rand(2, 1, size, size), boxes).logits
+    window = GridWindow.around_boxes(boxes, (size, size), (8, 8), margin=own_margin)  # every test grid: 8 x 8
+    own = window.own_mask(size // 8, inset=inset)[:, 0]
+    outside = logits[0].permute(1, 2, 0)[~own[0]]  # (pixels, K)
+    assert outside.shape[0] > 0
+    torch.testing.assert_close(outside, net.background.expand_as(outside))

@@ -5,7 +5,10 @@ UNETR's at 128 px), at every resolution alike, so pruning tokens alone cannot ha
 With ``decoder_window`` a backbone runs its decoder (and its convolutional encoders) on one rectangle of
 the token grid per image, the box prompt dilated by ``margin`` tokens, and writes a fixed background
 output elsewhere. Every image of a batch gets a rectangle of the same size (the batch's largest, shifted
-to stay inside the image), so the decoder runs batched, without per-image padding.
+to stay inside the image), so the decoder runs batched, without per-image padding; what an image outputs
+outside its *own* dilated box is background all the same (:meth:`GridWindow.paste_logits`), so a larger
+box in the batch (an empty slice's whole-image box makes the batch's window the whole grid) changes no
+image's output there.
 
 What it computes, exactly: the dense decoder with every convolution reading zeros outside the window
 (a convolution's zero padding at the crop's edge is that zero), with normalisation statistics taken over
@@ -34,12 +37,15 @@ class GridWindow:
         top, left: ``(B,)`` long, the rectangle's first token row and column.
         size_hw: ``(h, w)`` tokens, the same for every image.
         grid_hw: the full token grid ``(gh, gw)``.
+        own_tlbr: ``(B, 4)`` long, each image's own dilated box in tokens (top, left, bottom, right;
+            bottom and right exclusive), inside its rectangle.
     """
 
     top: Tensor
     left: Tensor
     size_hw: tuple[int, int]
     grid_hw: tuple[int, int]
+    own_tlbr: Tensor
 
     @classmethod
     def around_boxes(
@@ -59,14 +65,23 @@ class GridWindow:
         left = (torch.floor(box[:, 0] / cell_w).long() - margin).clamp(0, gw - 1)
         bottom = (torch.ceil(box[:, 3] / cell_h).long() + margin).clamp(1, gh)
         right = (torch.ceil(box[:, 2] / cell_w).long() + margin).clamp(1, gw)
-        h = int((bottom - top).clamp_min(1).max())
-        w = int((right - left).clamp_min(1).max())
-        return cls(top.clamp(max=gh - h), left.clamp(max=gw - w), (h, w), grid_hw)
+        bottom, right = torch.maximum(bottom, top + 1), torch.maximum(right, left + 1)
+        h = int((bottom - top).max())
+        w = int((right - left).max())
+        own = torch.stack([top, left, bottom, right], dim=1)
+        return cls(top.clamp(max=gh - h), left.clamp(max=gw - w), (h, w), grid_hw, own)
 
     @property
     def is_full(self) -> bool:
         """True when the window is the whole grid (cropping would change nothing)."""
         return self.size_hw == self.grid_hw
+
+    @property
+    def covers_every_grid(self) -> bool:
+        """True when every image's own window is the whole grid (the window changes nothing)."""
+        gh, gw = self.grid_hw
+        full = torch.tensor([0, 0, gh, gw], dtype=self.own_tlbr.dtype)
+        return bool((self.own_tlbr == full).all())
 
     def fraction(self) -> float:
         """The share of the grid the decoder computes."""
@@ -106,14 +121,41 @@ class GridWindow:
             out[i, :, t * s : t * s + h, l_ * s : l_ * s + w] = crop[i]
         return out
 
+    def paste_logits(self, crop: Tensor, background: Tensor, inset: int = 0) -> Tensor:
+        """``(B, K, H, W)`` logits: ``crop`` ``(B, K, h s, w s)`` inside each image's own window (with
+        ``inset``, see :meth:`own_mask`), ``background`` ``(K,)`` everywhere else."""
+        logits = self.paste(crop, background)
+        scale = logits.shape[-2] // self.grid_hw[0]
+        own = self.own_mask(scale, logits.device, inset)
+        return torch.where(own, logits, background.to(logits.dtype).view(1, -1, 1, 1))
+
+    def own_mask(self, scale: int, device: torch.device | None = None, inset: int = 0) -> Tensor:
+        """``(B, 1, gh scale, gw scale)`` bool, True inside each image's own dilated box (a part of its
+        rectangle, which has the batch's size); ``inset`` as in :meth:`mask`."""
+        top, left, bottom, right = self.own_tlbr.T
+        return self._mask(top, left, bottom, right, scale, device, inset)
+
     def mask(self, scale: int, device: torch.device | None = None, inset: int = 0) -> Tensor:
         """``(B, 1, gh scale, gw scale)`` bool, True inside each image's window; with ``inset``, True
         only at least ``inset`` cells inside every edge of the window that is not the grid's edge (where
         a decoder that reads neighbours across the window's edge computes exactly)."""
+        size_h, size_w = self.size_hw
+        return self._mask(self.top, self.left, self.top + size_h, self.left + size_w, scale, device, inset)
+
+    def _mask(
+        self,
+        top: Tensor,
+        left: Tensor,
+        bottom: Tensor,
+        right: Tensor,
+        scale: int,
+        device: torch.device | None,
+        inset: int,
+    ) -> Tensor:
         rows = torch.arange(self.grid_hw[0] * scale, device=device) // scale
         cols = torch.arange(self.grid_hw[1] * scale, device=device) // scale
-        top, left = self.top.to(device)[:, None], self.left.to(device)[:, None]
-        bottom, right = top + self.size_hw[0], left + self.size_hw[1]
+        top, left = top.to(device)[:, None], left.to(device)[:, None]
+        bottom, right = bottom.to(device)[:, None], right.to(device)[:, None]
         if inset:
             top = top + inset * (top > 0)
             left = left + inset * (left > 0)
@@ -132,12 +174,12 @@ def pruning_window(
     grid_hw: tuple[int, int],
 ) -> GridWindow | None:
     """Where a backbone's decoder runs: the boxes dilated by ``margin`` tokens while one of ``pruners`` is
-    active; None (everywhere) when the option is off, no box is given, pruning is off, or the window
-    would be the whole grid."""
+    active; None (everywhere) when the option is off, no box is given, pruning is off, or every image's
+    window is the whole grid."""
     if margin is None or box_xyxy is None or not any(p.active for p in pruners.values()):
         return None
     window = GridWindow.around_boxes(box_xyxy, image_hw, grid_hw, margin)
-    return None if window.is_full else window
+    return None if window.covers_every_grid else window
 
 
 def whole(x: Tensor) -> Tensor:

@@ -403,9 +403,7 @@ class PrunableSegFormer(nn.Module):
         out_hw = image_hw if window is None else tuple(4 * n for n in maps[0].shape[-2:])
         logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
         if window is not None:
-            exact = window.mask(image_hw[0] // grid_hw[0], logits.device, inset=1)  # (B, 1, H, W)
-            background = self.background.view(1, -1, 1, 1).to(logits.dtype)
-            logits = torch.where(exact, window.paste(logits, self.background), background)
+            logits = window.paste_logits(logits, self.background, inset=1)  # exact where not background
         return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     @staticmethod

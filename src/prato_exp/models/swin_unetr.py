@@ -418,7 +418,7 @@ class PrunableSwinUNETR(nn.Module):
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image_hw, bottleneck_hw)
         logits = self._decode(image, hidden, window.crop if window is not None else whole)
         if window is not None:
-            logits = window.paste(logits, self.background)
+            logits = window.paste_logits(logits, self.background)
         return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     def _run_pruned(

@@ -276,7 +276,7 @@ class PrunableTransUNet(nn.Module):
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
         logits = self.decoder(self._to_map(encoded.final), skips, window)
         if window is not None:
-            logits = window.paste(logits, self.background)
+            logits = window.paste_logits(logits, self.background)
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def _embed(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:

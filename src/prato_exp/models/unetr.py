@@ -146,7 +146,7 @@ class PrunableUNETR(nn.Module):
         dec1 = net.decoder3(dec2, enc2)
         logits = net.out(net.decoder2(dec1, enc1))
         if window is not None:
-            logits = window.paste(logits, self.background)
+            logits = window.paste_logits(logits, self.background)
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def pruned_part(self) -> list[str]:
