@@ -391,13 +391,16 @@ def test_all_zero_differences_and_a_lone_reference(tmp_path):
 def test_a_row_decoded_only_around_the_box_is_named_in_the_caption(tmp_path):
     for row in ("fast", "PrATo (ours)"):
         make_run(tmp_path / row, table="fast_t", row=row, seed=0, offset=0.0, reference="fast", samples=False)
-    config = yaml.safe_load((tmp_path / "fast" / "config.yaml").read_text())
-    config["model"]["decoder_window"] = 1
-    (tmp_path / "fast" / "config.yaml").write_text(yaml.safe_dump(config))
+    make_run(tmp_path / "unpruned", table="fast_t", row="unpruned", seed=0, offset=0.0, reference="fast",
+             pruned=False, samples=False)  # fmt: skip
+    for row in ("fast", "unpruned"):  # the unpruned row's window setting never runs: no pruner is active
+        config = yaml.safe_load((tmp_path / row / "config.yaml").read_text())
+        config["model"]["decoder_window"] = 1
+        (tmp_path / row / "config.yaml").write_text(yaml.safe_dump(config))
     report([tmp_path], tmp_path / "out", figures=False)
     caption = (tmp_path / "out" / "fast_t_acdc.md").read_text()
     assert "Decoder window: fast (margin 1) ran the decoder only on the box" in caption
-    assert "PrATo (ours) (" not in caption
+    assert "PrATo (ours) (" not in caption and "unpruned (" not in caption
 
 
 def test_time_cells_leave_out_runs_timed_on_a_busy_machine(tmp_path):

@@ -178,6 +178,9 @@ def load_run(run_dir: Path) -> RunRecord:
 
     model_cfg = config.get("model") or {}
     pruner = _name_of(config.get("pruning"))
+    pruned = pruner not in ("", "NoPruner")
+    margin = model_cfg.get("decoder_window")
+    window = int(margin) if pruned and margin is not None else None  # the window runs only while pruning
     prune_points = " ".join(
         f"{k}={v}" for k, v in sorted(model_cfg.items()) if k.startswith("prune_") and v is not None
     )
@@ -201,14 +204,14 @@ def load_run(run_dir: Path) -> RunRecord:
         commit=(metrics.get("environment") or {}).get("commit"),
         model=(metrics.get("choices") or {}).get("model") or _name_of(model_cfg),
         pruner=pruner,
-        prune_points=prune_points if pruner not in ("", "NoPruner") else "",
+        prune_points=prune_points if pruned else "",
         experiment=choice if (choice := (metrics.get("choices") or {}).get("experiment")) != "None" else None,
         budget=_budget(config, metrics),
         machine=_machine(metrics.get("environment") or {}),
-        decoder_window=window if (window := model_cfg.get("decoder_window")) is None else int(window),
+        decoder_window=window,
         prompted=bool(report["prompted"])
         if report.get("prompted") is not None
-        else pruner.lower().startswith("prato") or uses_box or model_cfg.get("decoder_window") is not None,
+        else pruner.lower().startswith("prato") or uses_box or window is not None,
         samples=samples if samples.is_file() else None,
     )
 
