@@ -136,7 +136,8 @@ class GridWindow:
         return self._mask(top, left, bottom, right, scale, device, inset)
 
     def mask(self, scale: int, device: torch.device | None = None, inset: int = 0) -> Tensor:
-        """``(B, 1, gh scale, gw scale)`` bool, True inside each image's window; with ``inset``, True
+        """``(B, 1, gh scale, gw scale)`` bool, True inside each image's rectangle (the batch's size, where
+        the decoder computed; :meth:`own_mask` is the part the image keeps); with ``inset``, True
         only at least ``inset`` cells inside every edge of the window that is not the grid's edge (where
         a decoder that reads neighbours across the window's edge computes exactly)."""
         size_h, size_w = self.size_hw
