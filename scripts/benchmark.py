@@ -36,7 +36,7 @@ Example (the four small presets, every pruner, CPU)::
 
     # one table for several settings of one pruner: an entry takes Hydra overrides after `+`
     python scripts/benchmark.py --models unetr_small --pruning percentile25 \\
-        percentile25+model.decoder_window=1 percentile50+experiment=fast \\
+        percentile25+model.decoder_window=1 prato_box_first+experiment=fast \\
         prato@fixed0.5 prato@fixed0.5+model.unequal_counts=group
 
 A row's pruned part (and so its part time ratio) is its own: the unpruned model's part time is measured
@@ -87,7 +87,7 @@ class Config:
 
     An entry is ``PRESET[@THRESHOLD][+KEY=VALUE...]``: a pruning preset (conf/pruning), optionally a
     threshold choice (conf/threshold), then Hydra overrides of its own, e.g.
-    ``percentile50+experiment=fast`` or ``prato@fixed0.5+model.unequal_counts=group``.
+    ``prato_box_first+experiment=fast`` or ``prato@fixed0.5+model.unequal_counts=group``.
     """
 
     model: str
@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["percentile25", "percentile50", "percentile75"],
         help="pruning entries PRESET[@THRESHOLD][+KEY=VALUE...]: a preset (conf/pruning), a threshold "
-        "choice, Hydra overrides of this entry alone; e.g. prato@fixed0.5, percentile50+experiment=fast",
+        "choice, Hydra overrides of this entry alone; e.g. prato@fixed0.5, prato_box_first+experiment=fast",
     )
     parser.add_argument("--modes", nargs="+", default=["drop"], help="execution modes of each pruning entry")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])

@@ -7,6 +7,7 @@ import torch
 from prato_exp.pruning.budget import TokenBudget, fixed_keep, percentile_keep
 from prato_exp.pruning.prato import (
     PrATo,
+    box_overlap_mask,
     entropy_weights,
     naive_query_mask,
     query_entropy,
@@ -377,3 +378,56 @@ def test_autocast_bfloat16_gives_float32_scores():
     assert result.scores.dtype == torch.float32
     assert bool(torch.isfinite(result.scores).all())
     assert result.keep.sum(1).tolist() == [12, 12]
+
+
+def test_box_overlap_mask_marks_every_patch_the_box_touches():
+    positions, valid = _full(1, 16)
+    box = torch.tensor([[17.0, 1.0, 33.0, 16.0]])  # 16 px patches: cols 1-2 (33 reaches col 2), row 0 only
+    mask = box_overlap_mask(positions, valid, (4, 4), box, (64, 64))
+    assert mask.view(4, 4).nonzero().tolist() == [[0, 1], [0, 2]]
+
+
+def test_box_overlap_mask_skips_padding_slots():
+    positions = torch.tensor([[0, 1, 0]])
+    valid = torch.tensor([[True, True, False]])
+    mask = box_overlap_mask(positions, valid, (4, 4), torch.tensor([[0.0, 0.0, 64.0, 64.0]]), (64, 64))
+    assert mask.tolist() == [[True, True, False]]
+
+
+def _outward_pruner(**kwargs) -> tuple[PrATo, torch.Tensor, torch.Tensor]:
+    """A PrATo whose scores favour the tokens far from the box (bottom right) over those under it."""
+    pruner = _identity_pruner(2, k=1, **kwargs)
+    tokens = _coord_tokens(4, 4)
+    box = torch.tensor([[0.0, 0.0, 32.0, 32.0]])  # the top-left 2 x 2 tokens: 0, 1, 4, 5
+    return pruner, tokens, box
+
+
+def test_learned_scores_alone_can_prune_the_tokens_under_the_box():
+    pruner, tokens, box = _outward_pruner(budget=TokenBudget("percentile", q=75))
+    keep = pruner(tokens, (4, 4), box, (64, 64)).keep[0]
+    assert not keep[[0, 1, 4, 5]].any()
+
+
+def test_box_first_fills_a_percentile_budget_with_the_box_tokens():
+    pruner, tokens, box = _outward_pruner(budget=TokenBudget("percentile", q=75), box_first=True)
+    result = pruner(tokens, (4, 4), box, (64, 64))
+    assert result.keep[0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    plain, _, _ = _outward_pruner(budget=TokenBudget("percentile", q=75))
+    assert torch.equal(result.scores, plain(tokens, (4, 4), box, (64, 64)).scores)
+
+
+def test_box_first_keeps_the_count_and_the_best_box_tokens_when_the_box_is_larger():
+    pruner, tokens, _ = _outward_pruner(budget=TokenBudget("percentile", q=75), box_first=True)
+    box = torch.tensor([[0.0, 0.0, 48.0, 48.0]])  # nine tokens under the box, four kept
+    result = pruner(tokens, (4, 4), box, (64, 64))
+    kept = result.keep[0].nonzero().flatten().tolist()
+    under = [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    best_under = sorted(under, key=lambda z: -result.scores[0, z].item())[:4]
+    assert sorted(kept) == sorted(best_under)
+
+
+def test_box_first_adds_the_box_tokens_to_a_fixed_threshold():
+    pruner, tokens, box = _outward_pruner(budget=TokenBudget("fixed", tau=0.5), box_first=True)
+    result = pruner(tokens, (4, 4), box, (64, 64))
+    above = (result.scores[0] > 0.5).nonzero().flatten().tolist()
+    assert set(result.keep[0].nonzero().flatten().tolist()) == set(above) | {0, 1, 4, 5}

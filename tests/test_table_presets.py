@@ -63,6 +63,14 @@ def test_a_command_line_value_wins_over_the_experiment():
     assert (cfg.datamodule.batch_size, cfg.trainer.max_epochs) == (4, 2)
 
 
+def test_the_fast_preset_fills_its_budget_with_the_box_and_its_reference_has_no_pruner():
+    fast = compose_train(["experiment=fast", "dataset=acdc"])
+    assert fast.pruning.box_first is True and fast.pruning.budget.q == 50
+    assert list(fast.model.prune_after) == [2, 4] and fast.model.decoder_window == 0
+    reference = compose_train(["experiment=fast", "dataset=acdc", "pruning=none"])
+    assert reference.pruning._target_.endswith("NoPruner") and "box_first" not in reference.pruning
+
+
 @pytest.mark.parametrize(("dataset", "lr"), [("acdc", 1e-3), ("isic", 3e-4), ("synthetic_cardiac", 1e-3)])
 def test_the_cnn_row_takes_its_learning_rate_per_dataset(dataset, lr):
     assert compose_train(["row=basic_unet", f"dataset={dataset}"]).optimizer.lr == lr

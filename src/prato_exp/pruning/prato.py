@@ -18,6 +18,9 @@ At one pruning point, with the alive tokens ``Y`` (``B x N x C``, ``N <= Z = h *
 8. ``s_z = sigmoid(r_z)``; ``beta_z = [s_z > tau]``  (Eq. 5), or, in percentile mode, the top
    ``n - floor(q n / 100)`` valid tokens by ``s`` (a top-k, so ties cannot change the count);
    at least ``min_keep`` tokens (the highest-scoring) are always kept.
+   ``box_first=True`` (a prior from the prompt, off in the paper's settings): the tokens whose patches
+   overlap the box rank before all others, so a percentile budget keeps the same count but fills it
+   with the box's tokens first, and a fixed threshold keeps every box token besides ``s > tau``.
 9. ``ste=True``: ``token_scale = beta + (s - s.detach())`` (spec 10), which equals ``beta`` exactly
    in value and carries gradients to ``f1`` and ``f2``. ``soft=True``: keep every token and scale
    it by ``s`` once (``mode="zero_once"`` only).
@@ -148,6 +151,40 @@ def naive_query_mask(
     fallback = F.one_hot(dist.argmin(dim=1), positions.shape[1]).bool() & valid
     empty = ~inside.any(dim=1, keepdim=True)
     return inside | (empty & fallback)
+
+
+def box_overlap_mask(
+    positions: Tensor,
+    valid: Tensor,
+    grid_hw: tuple[int, int],
+    box_xyxy: Tensor,
+    image_hw: tuple[int, int],
+) -> Tensor:
+    """Which alive tokens' patches overlap the box: the cells a margin-0 decoder window covers.
+
+    A patch ``[col W / w, (col + 1) W / w)`` overlaps ``[x0, x1)`` when ``floor(x0 w / W) <= col <
+    ceil(x1 w / W)``; rows likewise.
+
+    Args:
+        positions: ``(B, N)`` long, row-major grid index of each token.
+        valid: ``(B, N)`` bool, False on padding slots.
+        grid_hw: ``(h, w)`` of the full grid.
+        box_xyxy: ``(B, 4)`` box in input pixels.
+        image_hw: ``(H, W)`` of the network input.
+
+    Returns:
+        ``(B, N)`` bool, True on valid tokens under the box.
+    """
+    h, w = grid_hw
+    img_h, img_w = image_hw
+    rows = torch.div(positions, w, rounding_mode="floor")
+    cols = positions - rows * w
+    x0, y0, x1, y1 = box_xyxy.to(device=positions.device, dtype=torch.float64).unbind(-1)
+    left, right = torch.floor(x0 * w / img_w), torch.ceil(x1 * w / img_w)
+    top, bottom = torch.floor(y0 * h / img_h), torch.ceil(y1 * h / img_h)
+    in_cols = (cols >= left[:, None]) & (cols < right[:, None])
+    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
+    return valid & in_cols & in_rows
 
 
 def gather_queries(tokens: Tensor, query_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,10 +344,12 @@ class PrATo(TokenPruner):
         ste: return the straight-through ``token_scale`` so ``f1`` and ``f2`` train (only where the scores
             carry gradients: its value is 1 on every kept token).
         soft: keep every token and scale it by ``s`` (requires ``mode="zero_once"``).
+        box_first: rank the tokens under the box before all others when selecting (``scores`` stay
+            ``s``): a learned ``s`` need not favour them, and a decoder window needs them.
         context: what the backbone tells its pruners (unused: PrATo needs only ``dim``).
     """
 
-    rescorable = frozenset({"budget", "k", "mode"})
+    rescorable = frozenset({"budget", "k", "mode", "box_first"})
 
     def __init__(
         self,
@@ -324,6 +363,7 @@ class PrATo(TokenPruner):
         fill: FillMode = "zero",
         ste: bool = True,
         soft: bool = False,
+        box_first: bool = False,
         context: PrunerContext | None = None,
     ) -> None:
         if dim < 1 or k < 1 or d_v < 1:
@@ -341,13 +381,15 @@ class PrATo(TokenPruner):
         self.query: QueryMode = query
         self.ste = ste
         self.soft = soft
+        self.box_first = box_first
         self.f1 = nn.Linear(dim, d_v, bias=False)
         self.f2 = nn.Linear(dim, d_v, bias=False)
 
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, d_v={self.d_v}, budget={self.budget}, entropy={self.entropy}, "
-            f"query={self.query}, mode={self.mode}, fill={self.fill}, ste={self.ste}, soft={self.soft}"
+            f"query={self.query}, mode={self.mode}, fill={self.fill}, ste={self.ste}, soft={self.soft}, "
+            f"box_first={self.box_first}"
         )
 
     def select(self, alive: TokenSet, prompt: BoxPrompt, state: PointState) -> PruneResult:
@@ -379,7 +421,11 @@ class PrATo(TokenPruner):
             keep = valid.clone()
             token_scale: Tensor | None = s.to(tokens.dtype)
         else:
-            keep = self.budget.keep(s, valid)
+            rank_by = s
+            if self.box_first:
+                under_box = box_overlap_mask(positions, valid, grid_hw, box_xyxy, image_hw)
+                rank_by = s.detach() + 2.0 * under_box.to(s.dtype)  # s is in [0, 1]: the box ranks first
+            keep = self.budget.keep(rank_by, valid)
             # the straight-through scale is 1 on every kept token: only its gradient matters
             straight_through = self.ste and s.requires_grad
             token_scale = (keep.to(s.dtype) + (s - s.detach())).to(tokens.dtype) if straight_through else None
