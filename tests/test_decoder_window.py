@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prato_exp.metrics.efficiency import count_flops
-from prato_exp.models.decoder_window import GridWindow, pruning_window
+from prato_exp.models.decoder_window import GridWindow, check_window_batch, pruning_window
 from prato_exp.models.segformer import PrunableSegFormer
 from prato_exp.models.swin_unetr import DECODER_MODULES as SWIN_DECODER_MODULES
 from prato_exp.models.swin_unetr import PrunableSwinUNETR
@@ -74,7 +74,7 @@ def test_a_negative_margin_is_refused_by_name():
         PrunableUNETR(1, 3, img_size=SIZE, hidden_size=48, mlp_dim=96, num_heads=3, decoder_window=-1)
 
 
-def _net(decoder_window=None, norm_name="batch") -> PrunableUNETR:
+def _net(decoder_window=None, norm_name="batch", **kwargs) -> PrunableUNETR:
     torch.manual_seed(0)
     return PrunableUNETR(
         1,
@@ -87,6 +87,7 @@ def _net(decoder_window=None, norm_name="batch") -> PrunableUNETR:
         norm_name=norm_name,
         pruner=partial(PrATo, budget=TokenBudget(q=50)),
         decoder_window=decoder_window,
+        **kwargs,
     )
 
 
@@ -158,7 +159,7 @@ def test_gradients_reach_the_decoder_and_the_pruner_through_the_window():
     assert net.pruners["3"].f1.weight.grad.abs().sum() > 0
 
 
-def _transunet(decoder_window=None) -> PrunableTransUNet:
+def _transunet(decoder_window=None, **kwargs) -> PrunableTransUNet:
     torch.manual_seed(0)
     return PrunableTransUNet(
         1,
@@ -175,6 +176,7 @@ def _transunet(decoder_window=None) -> PrunableTransUNet:
         decoder_channels=(32, 16, 16, 8),
         pruner=partial(PrATo, budget=TokenBudget(q=50)),
         decoder_window=decoder_window,
+        **kwargs,
     )
 
 
@@ -185,7 +187,7 @@ def test_transunet_windowed_decoding_equals_the_masked_dense_decoder_inside():
     assert windowed.pruned_part()[-1] == "decoder"
 
 
-def _swin(decoder_window=None) -> PrunableSwinUNETR:
+def _swin(decoder_window=None, **kwargs) -> PrunableSwinUNETR:
     """A small Swin UNETR at 256 px, so its 1/32 bottleneck, where the window is cut, is 8 x 8."""
     torch.manual_seed(0)
     return PrunableSwinUNETR(
@@ -199,6 +201,7 @@ def _swin(decoder_window=None) -> PrunableSwinUNETR:
         norm_name="batch",
         pruner=partial(PrATo, budget=TokenBudget(q=50)),
         decoder_window=decoder_window,
+        **kwargs,
     )
 
 
@@ -219,7 +222,7 @@ def test_swin_unetr_decoder_flops_fall_with_the_window_area():
     assert windowed.pruned_part()[-1] == "swin_unetr.out"
 
 
-def _segformer(decoder_window=None) -> PrunableSegFormer:
+def _segformer(decoder_window=None, **kwargs) -> PrunableSegFormer:
     """A small SegFormer at 256 px, so its last stage's grid, where the window is cut, is 8 x 8."""
     torch.manual_seed(0)
     return PrunableSegFormer(
@@ -232,6 +235,7 @@ def _segformer(decoder_window=None) -> PrunableSegFormer:
         decoder_hidden_size=32,
         pruner=partial(PrATo, budget=TokenBudget(q=50)),
         decoder_window=decoder_window,
+        **kwargs,
     )
 
 
@@ -301,3 +305,76 @@ def test_outside_its_own_box_an_image_is_background_even_beside_a_whole_image_bo
     outside = logits[0].permute(1, 2, 0)[~own[0]]  # (pixels, K)
     assert outside.shape[0] > 0
     torch.testing.assert_close(outside, net.background.expand_as(outside))
+
+
+# rows 2-3 x cols 1-3 | the whole grid | rows 0-2 x cols 5-7 | rows 4-5 x cols 0-2
+MIXED_BOXES = torch.tensor(
+    [[20.0, 40.0, 50.0, 60.0], [0.0, 0.0, 128.0, 128.0], [84.0, 8.0, 120.0, 40.0], [0.0, 64.0, 40.0, 90.0]]
+)
+
+
+def test_by_size_groups_the_images_by_the_size_of_their_own_window():
+    window = GridWindow.around_boxes(MIXED_BOXES, (SIZE, SIZE), (8, 8), margin=0)
+    groups = window.by_size()
+    assert [(g.size_hw, index.tolist()) for index, g in groups] == [
+        ((2, 3), [0, 3]),
+        ((3, 3), [2]),
+        ((8, 8), [1]),
+    ]
+    first = groups[0][1]
+    assert (first.top.tolist(), first.left.tolist()) == ([2, 4], [1, 0])
+
+
+def test_an_unknown_window_batch_is_refused_with_its_key_and_choices():
+    with pytest.raises(
+        ValueError, match=r"model.decoder_window_batch must be one of \('shared', 'by_size'\)"
+    ):
+        check_window_batch("per_image")
+
+
+BY_SIZE_BUILDS = [
+    pytest.param(partial(_net, decoder_window=0), SIZE, id="unetr"),
+    pytest.param(partial(_transunet, decoder_window=0), SIZE, id="transunet"),
+    pytest.param(partial(_swin, decoder_window=0), 2 * SIZE, id="swin_unetr"),
+    pytest.param(partial(_segformer, decoder_window=0), 2 * SIZE, id="segformer"),
+]
+
+
+@pytest.mark.parametrize(("build", "size"), BY_SIZE_BUILDS)
+def test_by_size_gives_each_image_its_batch_of_one_logits(build, size):
+    net = build(decoder_window_batch="by_size").eval()
+    _randomise_norms(net)
+    torch.manual_seed(3)
+    image, boxes = torch.rand(4, 1, size, size), MIXED_BOXES * (size / SIZE)
+    with torch.no_grad():
+        batched = net(image, boxes).logits
+        alone = torch.cat([net(image[i : i + 1], boxes[i : i + 1]).logits for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_window_lets_a_neighbour_change_an_images_logits():
+    net = _net(decoder_window=0).eval()
+    _randomise_norms(net)
+    torch.manual_seed(3)
+    image = torch.rand(4, 1, SIZE, SIZE)
+    with torch.no_grad():
+        batched = net(image, MIXED_BOXES).logits[0]
+        alone = net(image[:1], MIXED_BOXES[:1]).logits[0]
+    assert (batched - alone).abs().max() > 1e-3
+
+
+def test_by_size_flops_are_the_sum_over_the_images():
+    net = _net(decoder_window=0, decoder_window_batch="by_size")
+    image = torch.rand(4, 1, SIZE, SIZE)
+    batched = count_flops(net, image, MIXED_BOXES).total_flops
+    alone = sum(count_flops(net, image[i : i + 1], MIXED_BOXES[i : i + 1]).total_flops for i in range(4))
+    assert batched == alone
+
+
+def test_training_shares_one_window_whatever_the_evaluation_setting():
+    by_size, shared = _net(decoder_window=0, decoder_window_batch="by_size"), _net(decoder_window=0)
+    torch.manual_seed(3)
+    image = torch.rand(4, 1, SIZE, SIZE)
+    torch.testing.assert_close(
+        by_size.train()(image, MIXED_BOXES).logits, shared.train()(image, MIXED_BOXES).logits
+    )

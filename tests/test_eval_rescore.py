@@ -108,3 +108,15 @@ def test_by_default_the_decoder_window_is_the_checkpoints():
 def test_a_bad_decoder_window_names_the_key_and_the_choices():
     with pytest.raises(ValueError, match=r"decoder_window must be checkpoint, dense or a margin >= 0.*-1"):
         rescoring_config(compose_eval(["ckpt=x", "decoder_window=-1"]), _run_cfg("percentile25"))
+
+
+def test_the_window_batching_can_change_at_evaluation_and_defaults_to_the_checkpoints():
+    trained = _run_cfg("percentile25")
+    assert rescoring_config(compose_eval(["ckpt=x"]), trained).model.decoder_window_batch == "shared"
+    cfg = rescoring_config(compose_eval(["ckpt=x", "decoder_window_batch=by_size"]), trained)
+    assert cfg.model.decoder_window_batch == "by_size"
+
+
+def test_a_bad_window_batching_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"decoder_window_batch must be one of .*'by_size'.*'each'"):
+        rescoring_config(compose_eval(["ckpt=x", "decoder_window_batch=each"]), _run_cfg("percentile25"))

@@ -30,6 +30,7 @@ from prato_exp.cli.common import (
 )
 from prato_exp.lightning.module import SegmentationModule
 from prato_exp.lightning.progress import progress_bar
+from prato_exp.models.decoder_window import check_window_batch
 from prato_exp.pruning.budget import TokenBudget
 from prato_exp.report.samples import save_report_samples
 from prato_exp.visualize import save_overlays
@@ -98,6 +99,7 @@ EVAL_KEYS = frozenset(
         "logger",
         "report",
         "decoder_window",
+        "decoder_window_batch",
     }
 )
 """Top-level keys of ``eval.yaml``; anything else on the command line (``+model.x=...``) is refused."""
@@ -136,6 +138,16 @@ def rescoring_config(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
             )
         run_cfg.model.decoder_window = window
         log.info("decoder window: %s", "dense decoder" if window is None else f"margin {window}")
+    window_batch = cfg.get("decoder_window_batch", "checkpoint")
+    if window_batch != "checkpoint":
+        check_window_batch(window_batch)
+        if "decoder_window" not in run_cfg.model:
+            raise ValueError(
+                f"decoder_window_batch={window_batch}: the checkpoint's model ({run_cfg.model._target_}) has "
+                "no decoder window; use decoder_window_batch=checkpoint"
+            )
+        run_cfg.model.decoder_window_batch = window_batch
+        log.info("decoder window batching in evaluation: %s", window_batch)
     return run_cfg
 
 

@@ -10,6 +10,13 @@ outside its *own* dilated box is background all the same (:meth:`GridWindow.past
 box in the batch (an empty slice's whole-image box makes the batch's window the whole grid) changes no
 image's output there.
 
+``model.decoder_window_batch`` says how a batch shares the decoder in evaluation: ``shared`` (the above,
+one decoder call) or ``by_size``: the images are grouped by the size of their own dilated box, one
+decoder call per size, each image on exactly its own rectangle. Then an image's logits do not depend on
+the other images of its batch (they equal its batch-1 logits) and the FLOPs of a batch are the sum over
+its images; the cost is one decoder call per distinct size. Training always shares one window: batch
+norm's training statistics are the batch's, and a group of a few small windows would have almost none.
+
 What it computes, exactly: the dense decoder with every convolution reading zeros outside the window
 (a convolution's zero padding at the crop's edge is that zero), with normalisation statistics taken over
 the window (per-pixel norms such as batch norm in evaluation are unaffected). ``masked_dense_reference``
@@ -21,12 +28,25 @@ of a run with it say so, and its accuracy is measured under every prompt conditi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GridWindow", "background_logits", "pruning_window", "whole"]
+__all__ = [
+    "GridWindow",
+    "WindowBatch",
+    "background_logits",
+    "check_window_batch",
+    "decode_in_window",
+    "pruning_window",
+    "whole",
+]
+
+WindowBatch = Literal["shared", "by_size"]
+"""How a batch's images share the decoder window in evaluation (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,18 @@ class GridWindow:
         gh, gw = self.grid_hw
         full = torch.tensor([0, 0, gh, gw], dtype=self.own_tlbr.dtype)
         return bool((self.own_tlbr == full).all())
+
+    def by_size(self) -> list[tuple[Tensor, GridWindow]]:
+        """The images grouped by the size of their own dilated box, smallest first: per group, the
+        images' batch indices ``(B_g,)`` long and the window of exactly that size at each one's own box."""
+        top, left, bottom, right = self.own_tlbr.T
+        heights, widths = bottom - top, right - left
+        groups = []
+        for size_h, size_w in sorted(set(zip(heights.tolist(), widths.tolist(), strict=True))):
+            index = ((heights == size_h) & (widths == size_w)).nonzero().flatten()
+            own = self.own_tlbr[index]
+            groups.append((index, GridWindow(own[:, 0], own[:, 1], (size_h, size_w), self.grid_hw, own)))
+        return groups
 
     def fraction(self) -> float:
         """The share of the grid the decoder computes."""
@@ -181,6 +213,46 @@ def pruning_window(
         return None
     window = GridWindow.around_boxes(box_xyxy, image_hw, grid_hw, margin)
     return None if window.covers_every_grid else window
+
+
+def check_window_batch(value: str) -> WindowBatch:
+    """``value`` as a :data:`WindowBatch`, or a ValueError naming the key and its choices."""
+    if value not in get_args(WindowBatch):
+        raise ValueError(f"model.decoder_window_batch must be one of {get_args(WindowBatch)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def decode_in_window(
+    window: GridWindow | None,
+    inputs: Sequence[Tensor],
+    decode: Callable[[Sequence[Tensor], GridWindow | None], Tensor],
+    background: Tensor,
+    by_size: bool = False,
+    inset: int = 0,
+) -> Tensor:
+    """``(B, K, H, W)`` logits of a decoder run in ``window`` (everywhere when None), background elsewhere.
+
+    Args:
+        window: where each image decodes, or None for the dense decoder.
+        inputs: the decoder's batched inputs, full maps ``(B, ...)``; ``decode`` crops them.
+        decode: ``decode(inputs, window) -> (B, K, h, w)``, the logits on the window (on the whole map
+            when the window is None).
+        background: ``(K,)`` logits outside each image's own window.
+        by_size: one decoder call per size of the images' own windows (``decoder_window_batch=by_size``)
+            instead of one call on the batch's largest rectangle.
+        inset: as in :meth:`GridWindow.paste_logits`.
+    """
+    if window is None:
+        return decode(inputs, None)
+    if not by_size:
+        return window.paste_logits(decode(inputs, window), background, inset)
+    parts, order = [], []
+    for index, group in window.by_size():
+        on_device = index.to(inputs[0].device)
+        crop_logits = decode([x.index_select(0, on_device) for x in inputs], group)
+        parts.append(group.paste_logits(crop_logits, background, inset))
+        order.append(on_device)
+    return torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
 
 
 def whole(x: Tensor) -> Tensor:

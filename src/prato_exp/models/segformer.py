@@ -61,7 +61,13 @@ from transformers.models.segformer.modeling_segformer import (
 )
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.decoder_window import background_logits, pruning_window
+from prato_exp.models.decoder_window import (
+    GridWindow,
+    background_logits,
+    check_window_batch,
+    decode_in_window,
+    pruning_window,
+)
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import (
     NoPruner,
@@ -220,6 +226,9 @@ class PrunableSegFormer(nn.Module):
             image's edge, and the rest of the image is background. The decoder's only cross-pixel
             operation is bilinear upsampling, which reads one neighbour, so inside the dilated box the
             logits are the dense decoder's exactly (:mod:`prato_exp.models.decoder_window`).
+        decoder_window_batch: in evaluation, ``shared`` (every image decodes the batch's largest
+            rectangle, one decoder call) or ``by_size`` (one call per size of the images' own windows:
+            each image's logits equal its batch-1 logits). Training always shares.
     """
 
     display_name = "SegFormer"
@@ -246,10 +255,12 @@ class PrunableSegFormer(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        decoder_window_batch: str = "shared",
     ) -> None:
         super().__init__()
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 cells or null (off), got {decoder_window}")
+        self.decoder_window_batch = check_window_batch(decoder_window_batch)
         per_stage = {
             "hidden_sizes": hidden_sizes,
             "depths": depths,
@@ -397,14 +408,20 @@ class PrunableSegFormer(nn.Module):
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
         margin = None if self.decoder_window is None else self.decoder_window + 1  # + 1 cell of context
         window = pruning_window(margin, self.pruners, box_xyxy, image_hw, grid_hw)
+        by_size = self.decoder_window_batch == "by_size" and not self.training
+        # inset 1: the context cell is dropped, so the logits are exact wherever they are not background
+        decode = lambda x, win: self._decode(x, win, image_hw)  # noqa: E731
+        logits = decode_in_window(window, maps, decode, self.background, by_size, inset=1)
+        return SegOutput(logits=trace.final_logits(logits), trace=trace)
+
+    def _decode(self, maps: Sequence[Tensor], window: GridWindow | None, image_hw: tuple[int, int]) -> Tensor:
+        """Logits ``(B, K, h, w)`` of the decode head on the four stage maps, cut to ``window`` (None:
+        the whole image ``image_hw``), upsampled to input pixels."""
         if window is not None:
             maps = [window.crop(m) for m in maps]
-        logits = self.segformer.decode_head(tuple(maps))  # (B, K, H/4, W/4), or the window's
+        logits = self.segformer.decode_head(tuple(maps))  # (B, K, h/4, w/4)
         out_hw = image_hw if window is None else tuple(4 * n for n in maps[0].shape[-2:])
-        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
-        if window is not None:
-            logits = window.paste_logits(logits, self.background, inset=1)  # exact where not background
-        return SegOutput(logits=trace.final_logits(logits), trace=trace)
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
 
     @staticmethod
     def _run_pruned_stage(stage: nn.Module, alive: TokenSet) -> TokenSet:

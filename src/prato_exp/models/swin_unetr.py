@@ -56,7 +56,14 @@ from monai.networks.nets.swin_unetr import (
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.decoder_window import background_logits, pruning_window, whole
+from prato_exp.models.decoder_window import (
+    GridWindow,
+    background_logits,
+    check_window_batch,
+    decode_in_window,
+    pruning_window,
+    whole,
+)
 from prato_exp.models.weights import load_pretrained
 from prato_exp.pruning.base import (
     NoPruner,
@@ -265,6 +272,9 @@ class PrunableSwinUNETR(nn.Module):
             bottleneck grid (1/32 of the input, the coarsest map the decoder reads, so every map's window
             is whole pixels), and the rest of the image is background
             (:mod:`prato_exp.models.decoder_window`).
+        decoder_window_batch: in evaluation, ``shared`` (every image decodes the batch's largest
+            rectangle, one decoder call) or ``by_size`` (one call per size of the images' own windows:
+            each image's logits equal its batch-1 logits). Training always shares.
     """
 
     display_name = "Swin UNETR"
@@ -291,10 +301,12 @@ class PrunableSwinUNETR(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        decoder_window_batch: str = "shared",
     ) -> None:
         super().__init__()
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 cells or null (off), got {decoder_window}")
+        self.decoder_window_batch = check_window_batch(decoder_window_batch)
         if img_size % 32:
             raise ValueError(
                 f"SwinUNETR needs an input side divisible by 32 (patch 2, 4 merges), got {img_size}"
@@ -416,9 +428,8 @@ class PrunableSwinUNETR(nn.Module):
         trace.block_keep_fraction = torch.stack(fractions, dim=1)
         bottleneck_hw = (hidden[-1].shape[-2], hidden[-1].shape[-1])
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image_hw, bottleneck_hw)
-        logits = self._decode(image, hidden, window.crop if window is not None else whole)
-        if window is not None:
-            logits = window.paste_logits(logits, self.background)
+        by_size = self.decoder_window_batch == "by_size" and not self.training
+        logits = decode_in_window(window, [image, *hidden], self._decode_window, self.background, by_size)
         return SegOutput(logits=trace.final_logits(logits), trace=trace)
 
     def _run_pruned(
@@ -532,6 +543,10 @@ class PrunableSwinUNETR(nn.Module):
             return self.swin_unetr.swinViT.proj_out(alive.to_map(state.carry), self.normalize)
         feature_map = grid.transpose(1, 2).reshape(grid.shape[0], grid.shape[2], *alive.grid_hw)
         return self.swin_unetr.swinViT.proj_out(feature_map, self.normalize)
+
+    def _decode_window(self, inputs: Sequence[Tensor], window: GridWindow | None) -> Tensor:
+        """:meth:`_decode` of the image and hidden states ``inputs`` on ``window`` (None: everywhere)."""
+        return self._decode(inputs[0], inputs[1:], window.crop if window is not None else whole)
 
     def _decode(
         self, image: Tensor, hidden: Sequence[Tensor], crop: Callable[[Tensor], Tensor] = whole

@@ -30,7 +30,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.decoder_window import GridWindow, background_logits, pruning_window, whole
+from prato_exp.models.decoder_window import (
+    GridWindow,
+    background_logits,
+    check_window_batch,
+    decode_in_window,
+    pruning_window,
+    whole,
+)
 from prato_exp.models.plain_vit import (
     build_pruners,
     check_block_indices,
@@ -153,6 +160,9 @@ class PrunableTransUNet(nn.Module):
             active, the cascaded upsampler runs only on the tokens under the box dilated by this margin,
             and the rest of the image is background (:mod:`prato_exp.models.decoder_window`). The CNN
             encoder runs on the whole image, since the ViT's tokens come from it.
+        decoder_window_batch: in evaluation, ``shared`` (every image decodes the batch's largest
+            rectangle, one decoder call) or ``by_size`` (one call per size of the images' own windows:
+            each image's logits equal its batch-1 logits). Training always shares.
         unequal_counts: ``pad`` (the batch padded to its largest keep count) or ``group`` (each group of
             images with one count runs on exactly that many tokens; no FLOP on padding).
     """
@@ -182,10 +192,12 @@ class PrunableTransUNet(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        decoder_window_batch: str = "shared",
         unequal_counts: str = "pad",
     ) -> None:
         super().__init__()
         check_unequal_counts(unequal_counts)
+        self.decoder_window_batch = check_window_batch(decoder_window_batch)
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
@@ -274,9 +286,11 @@ class PrunableTransUNet(nn.Module):
             block_parts=TimmBlockParts,
         )
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
-        logits = self.decoder(self._to_map(encoded.final), skips, window)
-        if window is not None:
-            logits = window.paste_logits(logits, self.background)
+        by_size = self.decoder_window_batch == "by_size" and not self.training
+        inputs = [self._to_map(encoded.final), *skips]
+        logits = decode_in_window(
+            window, inputs, lambda x, win: self.decoder(x[0], x[1:], win), self.background, by_size
+        )
         return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
 
     def _embed(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -15,7 +15,14 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from prato_exp.models.base import SegOutput
-from prato_exp.models.decoder_window import background_logits, pruning_window, whole
+from prato_exp.models.decoder_window import (
+    GridWindow,
+    background_logits,
+    check_window_batch,
+    decode_in_window,
+    pruning_window,
+    whole,
+)
 from prato_exp.models.plain_vit import (
     build_pruners,
     check_block_indices,
@@ -51,6 +58,9 @@ class PrunableUNETR(nn.Module):
             active, the convolutional encoders and the decoder run only on the tokens under the box
             dilated by this margin, and the rest of the image is background
             (:mod:`prato_exp.models.decoder_window`).
+        decoder_window_batch: in evaluation, ``shared`` (every image decodes the batch's largest
+            rectangle, one decoder call) or ``by_size`` (one call per size of the images' own windows:
+            each image's logits equal its batch-1 logits). Training always shares.
         unequal_counts: ``pad`` (the batch padded to its largest keep count) or ``group`` (each group of
             images with one count runs on exactly that many tokens; no FLOP on padding).
     """
@@ -77,10 +87,12 @@ class PrunableUNETR(nn.Module):
         pretrained: str | None = None,
         pretrained_ignore: Sequence[str] = (),
         decoder_window: int | None = None,
+        decoder_window_batch: str = "shared",
         unequal_counts: str = "pad",
     ) -> None:
         super().__init__()
         check_unequal_counts(unequal_counts)
+        self.decoder_window_batch = check_window_batch(decoder_window_batch)
         if decoder_window is not None and decoder_window < 0:
             raise ValueError(f"model.decoder_window must be >= 0 tokens or null (off), got {decoder_window}")
         if img_size % 16:
@@ -135,19 +147,25 @@ class PrunableUNETR(nn.Module):
             unequal_counts=self.unequal_counts,
         )
         window = pruning_window(self.decoder_window, self.pruners, box_xyxy, image.shape[-2:], self.grid_hw)
+        inputs = [image, *(encoded.skips[i] for i in self.skip_blocks), encoded.final]
+        by_size = self.decoder_window_batch == "by_size" and not self.training
+        logits = decode_in_window(window, inputs, self._decode, self.background, by_size)
+        return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
+
+    def _decode(self, inputs: Sequence[Tensor], window: GridWindow | None) -> Tensor:
+        """Logits ``(B, K, h, w)`` on ``window`` (the whole image when None) of the image ``(B, C, H, W)``,
+        the three skips and the final tokens ``(B, Z, C)``."""
+        net = self.unetr
         crop = window.crop if window is not None else whole
-        skip2, skip3, skip4 = (encoded.skips[i] for i in self.skip_blocks)
+        image, skip2, skip3, skip4, final = inputs
         enc1 = net.encoder1(crop(image))
         enc2 = net.encoder2(crop(net.proj_feat(skip2)))
         enc3 = net.encoder3(crop(net.proj_feat(skip3)))
         enc4 = net.encoder4(crop(net.proj_feat(skip4)))
-        dec3 = net.decoder5(crop(net.proj_feat(encoded.final)), enc4)
+        dec3 = net.decoder5(crop(net.proj_feat(final)), enc4)
         dec2 = net.decoder4(dec3, enc3)
         dec1 = net.decoder3(dec2, enc2)
-        logits = net.out(net.decoder2(dec1, enc1))
-        if window is not None:
-            logits = window.paste_logits(logits, self.background)
-        return SegOutput(logits=encoded.trace.final_logits(logits), trace=encoded.trace)
+        return net.out(net.decoder2(dec1, enc1))
 
     def pruned_part(self) -> list[str]:
         """Module names of the blocks that run after the first pruning point (for FLOP ratios)."""
