@@ -599,3 +599,14 @@ def test_report_of_real_phantom_runs_matches_their_metrics(tmp_path):
     assert float(table["unpruned"]["p_value"]) == pytest.approx(expected)
     stems = {f.stem.name for f in result["figures"]}
     assert {"fig3_table4_pruners_synthetic_cardiac", "fig7_retention_maps", "fig8_scores_weights"} <= stems
+
+
+def test_a_row_whose_images_each_decoded_their_own_window_says_so(tmp_path):
+    for row, batching in (("own", "by_size"), ("shared", "shared")):
+        make_run(tmp_path / row, table="win_t", row=row, seed=0, offset=0.0, reference="own", samples=False)
+        config = yaml.safe_load((tmp_path / row / "config.yaml").read_text())
+        config["model"].update(decoder_window=0, decoder_window_batch=batching)
+        (tmp_path / row / "config.yaml").write_text(yaml.safe_dump(config))
+    report([tmp_path], tmp_path / "out", figures=False)
+    caption = (tmp_path / "out" / "win_t_acdc.md").read_text()
+    assert "Decoder window: own (margin 0, each image its own window), shared (margin 0) ran" in caption

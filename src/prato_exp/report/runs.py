@@ -61,6 +61,8 @@ class RunRecord:
         machine: the machine the run trained on (platform, torch, threads, GPU), or ``""``.
         decoder_window: the model's ``decoder_window`` margin (its decoder ran only around the box), or
             None (dense decoder).
+        window_per_image: True when, in evaluation, each image decoded its own window
+            (``decoder_window_batch: by_size``) rather than the batch's largest.
         prompted: True when the run's network reads the box prompt: ``report.prompted`` where given, else
             a PrATo pruner or a truthy model key naming a box (``box_channel: true``).
         samples: the run's figure samples file, or None.
@@ -88,6 +90,7 @@ class RunRecord:
     budget: str = ""
     machine: str = ""
     decoder_window: int | None = None
+    window_per_image: bool = False
     prompted: bool = False
     samples: Path | None = None
 
@@ -209,6 +212,7 @@ def load_run(run_dir: Path) -> RunRecord:
         budget=_budget(config, metrics),
         machine=_machine(metrics.get("environment") or {}),
         decoder_window=window,
+        window_per_image=window is not None and model_cfg.get("decoder_window_batch") == "by_size",
         prompted=bool(report["prompted"])
         if report.get("prompted") is not None
         else pruner.lower().startswith("prato") or uses_box or window is not None,

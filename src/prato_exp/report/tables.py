@@ -472,9 +472,14 @@ def caption(summary: TableSummary) -> list[str]:
     points = _values(runs, "prune_points")
     if points:
         lines.append(f"Pruning points: {'; '.join(p for p in points if p)}.")
-    windowed = sorted({(r.row, r.decoder_window) for r in runs if r.decoder_window is not None})
+    windowed = sorted(
+        {(r.row, r.decoder_window, r.window_per_image) for r in runs if r.decoder_window is not None}
+    )
     if windowed:
-        which = ", ".join(f"{row} (margin {margin})" for row, margin in windowed)
+        which = ", ".join(
+            f"{row} (margin {margin}{', each image its own window' if own else ''})"
+            for row, margin, own in windowed
+        )
         lines.append(
             f"Decoder window: {which} ran the decoder only on the box dilated by that margin (in tokens of "
             "the pruned grid; in Swin UNETR, cells of its 1/32 bottleneck) and output background "
