@@ -7,8 +7,11 @@ those, plus ``train.log`` and ``splits.json`` for provenance, from every finishe
 folders into ``<dest>/<run folder name>/``; ``prato-report <dest>`` then builds the tables from the
 archive exactly as from the run folders (checked by ``tests/test_report.py``).
 
-``report_samples.npz`` is not copied: it holds image slices and ground-truth masks of the dataset, and
-the data is never copied into the repository. Figures are drawn from the run folders themselves.
+``report_samples.npz`` (the figures' slices) is copied without the dataset's pixels, which never go
+into the repository: the network's prediction, kept tokens, scores and the box stay, the image and the
+ground truth are replaced by a fingerprint, and ``prato-report`` reads the slices back from the run's
+dataset (``prato_exp.report.samples.write_network_samples``), so the figures can be drawn from the
+archive wherever the data is.
 
     python scripts/archive_runs.py outputs/multirun/<sweep> --dest docs/results/paper/runs/table3_roialign_k
 
@@ -22,6 +25,8 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from prato_exp.report.samples import SAMPLES_FILENAME, write_network_samples
 
 ARCHIVED = ("config.yaml", "metrics.json", "train.log", "splits.json")
 """What is copied of a run folder (each only if present, except ``metrics.json`` and ``config.yaml``)."""
@@ -39,7 +44,8 @@ def run_folders(roots: list[Path]) -> list[Path]:
 
 
 def archive(run: Path, dest: Path) -> Path:
-    """Copy :data:`ARCHIVED` of ``run`` into ``dest / run.name``; refuse to overwrite or to copy big files."""
+    """Copy :data:`ARCHIVED` of ``run`` into ``dest / run.name``, and its figure samples without the
+    dataset's pixels; refuse to overwrite or to copy big files."""
     target = dest / run.name
     if target.exists():
         raise FileExistsError(f"{target} already exists; archive folders are never overwritten")
@@ -52,6 +58,11 @@ def archive(run: Path, dest: Path) -> Path:
     target.mkdir(parents=True)
     for file in files:
         shutil.copy2(file, target / file.name)
+    if (run / SAMPLES_FILENAME).is_file():
+        samples = write_network_samples(run / SAMPLES_FILENAME, target / SAMPLES_FILENAME)
+        if samples.stat().st_size > MAX_FILE_BYTES:
+            shutil.rmtree(target)
+            raise ValueError(f"{run}: {SAMPLES_FILENAME} without the data is still over 2 MiB")
     return target
 
 

@@ -18,6 +18,7 @@ from scipy.stats import wilcoxon
 
 from prato_exp.data.phantoms import SyntheticCardiacSource
 from prato_exp.data.prompts import BoxPrompter
+from prato_exp.data.transforms import resize_pair
 from prato_exp.lightning.datamodule import EvalSlices
 from prato_exp.models.unetr import PrunableUNETR
 from prato_exp.pruning.prato import PrATo
@@ -25,9 +26,13 @@ from prato_exp.report.cli import main, report
 from prato_exp.report.runs import ReportError, load_runs
 from prato_exp.report.samples import (
     SAMPLES_FILENAME,
+    SampleDataError,
+    dataset_slice_reader,
     load_report_samples,
     pick_report_slices,
+    restore_dataset_slices,
     save_report_samples,
+    write_network_samples,
 )
 
 CLASSES = ("RV", "Myo", "LV")
@@ -541,6 +546,61 @@ def test_save_report_samples_picks_the_same_slices_for_two_nets(eval_set, tmp_pa
     assert (tmp_path / "a.npz").stat().st_size < 200_000
 
 
+def _read_from(eval_set: EvalSlices, shift: float = 0.0):
+    def read_slice(case_id: str, z: int) -> tuple[np.ndarray, np.ndarray]:
+        case = eval_set.cases[case_id]
+        image, label = resize_pair(case.image[:, z], case.label[z], eval_set.input_size)
+        return image.numpy() + shift, label.numpy()
+
+    return read_slice
+
+
+def test_archived_samples_keep_the_network_part_and_no_pixels(eval_set, tmp_path):
+    full = save_report_samples(_unetr(0, PrATo, prune_after=(3,)), eval_set, tmp_path / "full.npz", count=3)
+    archived = load_report_samples(write_network_samples(full, tmp_path / "archived.npz"))
+    original = load_report_samples(full)
+    assert "image" not in archived and "label" not in archived
+    for key in ("pred", "keep_grid", "scores", "weights", "box_xyxy", "case_ids", "slice_indices"):
+        np.testing.assert_array_equal(archived[key], original[key])
+    assert archived["label_pixels"].shape == (3, 4)
+    np.testing.assert_array_equal(archived["label_pixels"].sum(1), [64 * 64] * 3)
+
+
+def test_archived_samples_read_their_slices_back_from_the_dataset(eval_set, tmp_path):
+    full = save_report_samples(_unetr(0), eval_set, tmp_path / "full.npz", count=3)
+    archived = load_report_samples(write_network_samples(full, tmp_path / "archived.npz"))
+    restored = restore_dataset_slices(archived, _read_from(eval_set), "archived.npz")
+    original = load_report_samples(full)
+    np.testing.assert_array_equal(restored["image"], original["image"])
+    np.testing.assert_array_equal(restored["label"], original["label"])
+
+
+def test_slices_that_differ_from_the_runs_are_refused_naming_case_and_slice(eval_set, tmp_path):
+    full = save_report_samples(_unetr(0), eval_set, tmp_path / "full.npz", count=3)
+    archived = load_report_samples(write_network_samples(full, tmp_path / "archived.npz"))
+    first = f"case {archived['case_ids'][0]} slice {archived['slice_indices'][0]}"
+    with pytest.raises(SampleDataError, match=f"archived.npz: {first} read from the dataset differs"):
+        restore_dataset_slices(archived, _read_from(eval_set, shift=0.1), "archived.npz")
+
+
+def test_a_runs_dataset_that_is_gone_is_named(tmp_path):
+    config = {
+        "dataset": {"_target_": SOURCES["acdc"], "root": str(tmp_path / "no_acdc")},
+        "model": {"img_size": 64},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SampleDataError, match=r"cannot read the run.s dataset back .*no_acdc"):
+        dataset_slice_reader(tmp_path / "config.yaml")
+
+
+def test_a_figure_whose_slices_cannot_be_read_back_is_listed_as_not_drawn(runs, tmp_path):
+    done = _archive_script(str(runs / "t1_0_0"), "--dest", str(tmp_path / "archive"))
+    assert done.returncode == 0, done.stderr
+    result = report([tmp_path / "archive"], tmp_path / "report")
+    assert result["figures"] == []
+    assert any("cannot read the run's dataset back" in line for line in result["missing"])
+
+
 # --------------------------------------------------------------------------------------------------------
 # end to end: real phantom runs through Hydra's compose API, then the report
 
@@ -599,6 +659,17 @@ def test_report_of_real_phantom_runs_matches_their_metrics(tmp_path):
     assert float(table["unpruned"]["p_value"]) == pytest.approx(expected)
     stems = {f.stem.name for f in result["figures"]}
     assert {"fig3_table4_pruners_synthetic_cardiac", "fig7_retention_maps", "fig8_scores_weights"} <= stems
+
+    archive = _archive_script(str(tmp_path / "multirun"), "--dest", str(tmp_path / "archive"))
+    assert archive.returncode == 0, archive.stderr
+    assert all(
+        "image" not in load_report_samples(p) for p in (tmp_path / "archive").glob(f"*/{SAMPLES_FILENAME}")
+    )
+    from_archive = report([tmp_path / "archive"], tmp_path / "out_archive")
+    assert {f.stem.name for f in from_archive["figures"]} == stems
+    for fig in result["figures"]:
+        png = fig.stem.with_suffix(".png")
+        assert (tmp_path / "out_archive" / "figures" / png.name).read_bytes() == png.read_bytes()
 
 
 def test_a_row_whose_images_each_decoded_their_own_window_says_so(tmp_path):

@@ -33,7 +33,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from prato_exp.report.runs import RunRecord
-from prato_exp.report.samples import load_report_samples
+from prato_exp.report.samples import (
+    SampleDataError,
+    dataset_slice_reader,
+    load_report_samples,
+    restore_dataset_slices,
+)
 from prato_exp.report.tables import DATASET_TITLES, TableGroup, paper_table_key, run_value
 from prato_exp.visualize import LABEL_COLOURS, draw_retention_map
 
@@ -51,7 +56,11 @@ class Figure:
 
 @cache
 def _samples(path: Path) -> dict[str, np.ndarray]:
-    return load_report_samples(path)
+    """A run's samples with the dataset's slices (read back from its dataset when archived without)."""
+    arrays = load_report_samples(path)
+    if "image" in arrays:
+        return arrays
+    return restore_dataset_slices(arrays, dataset_slice_reader(path.parent / "config.yaml"), str(path))
 
 
 def samples_of(run: RunRecord) -> dict[str, np.ndarray] | None:
@@ -382,7 +391,8 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
 
 
 def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figure], list[str]]:
-    """Every figure the runs allow; returns the figures and one line per figure that could not be drawn."""
+    """Every figure the runs allow; returns the figures and one line per figure that could not be drawn
+    (no run stored samples, or archived samples whose slices could not be read back from the dataset)."""
     figures: list[Figure] = []
     missing: list[str] = []
     for group in groups:
@@ -391,18 +401,25 @@ def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figu
         title = f"{name.split('_')[0].replace('fig', 'Fig. ')}: {group.table}, {dataset}"
         if name.startswith("samples_"):
             title = f"{group.table}, {dataset}: predictions on the same slices"
-        fig = qualitative_figure(group, folder, title)
-        if fig is None:
-            missing.append(f"{name}: no run of {group.name} stored report samples")
+        try:
+            fig = qualitative_figure(group, folder, title)
+        except SampleDataError as err:
+            missing.append(f"{name}: {err}")
         else:
-            figures.append(fig)
+            if fig is None:
+                missing.append(f"{name}: no run of {group.name} stored report samples")
+            else:
+                figures.append(fig)
         if paper_table_key(group.table) == "table5":
             fig5 = efficiency_figure(group, folder, f"Fig. 5: {group.table}, {dataset}")
             if fig5 is None:
                 missing.append(f"fig5_{group.name}: no '<backbone> + PrATo' row")
             else:
                 figures.append(fig5)
-    chosen = prato_runs(groups)
+    try:
+        chosen = prato_runs(groups)
+    except SampleDataError as err:
+        return figures, [*missing, f"fig7, fig8: {err}"]
     for fig, name in ((retention_figure(chosen, folder), "fig7"), (score_figure(chosen, folder), "fig8")):
         if fig is None:
             missing.append(f"{name}: no PrATo run with report samples (and, for Fig. 8, entropy weights)")

@@ -23,10 +23,17 @@ key                       shape, dtype       what
 ``weights``               ``(N,M)`` f16      PrATo's inverse-entropy weights at the first point (if any)
 ``class_names``           ``(K-1,)`` str     foreground class names (when the dataset names them)
 ========================  =================  ===============================================================
+
+``image`` and ``label`` are the dataset's own pixels, which never go into the repository. An archived run
+(``scripts/archive_runs.py``) keeps the network's part only (:func:`write_network_samples`): the two keys
+are replaced by a fingerprint of each slice (``image_mean_std`` ``(N,2)`` f32, ``label_pixels`` ``(N,K)``
+int64, pixels per class), and the report reads the slices back from the run's dataset by case and slice
+(:func:`restore_dataset_slices`), refusing them when the fingerprint differs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,14 @@ from torch.utils.data import Dataset
 
 SAMPLES_FILENAME = "report_samples.npz"
 """Name of the samples file inside a run folder (what ``prato-report`` looks for)."""
+DATA_KEYS = ("image", "label")
+"""The keys holding the dataset's pixels, left out of archived samples."""
+IMAGE_TOLERANCE = 1e-2
+"""Largest difference of a restored slice's image mean or std (float16 storage, resampling rounding)."""
+
+
+class SampleDataError(ValueError):
+    """Archived samples whose slices cannot be read back from their dataset, with the reason."""
 
 
 def pick_report_slices(eval_set: Dataset, count: int) -> list[int]:
@@ -183,3 +198,123 @@ def load_report_samples(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a samples file (no pickled objects are read)."""
     with np.load(Path(path), allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
+
+
+def slice_fingerprint(image: np.ndarray, label: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """What identifies the slices without holding them: per slice the image's mean and std (over all
+    channels and pixels) and the label's pixel count per class.
+
+    Args:
+        image: ``(N, C, H, W)``.
+        label: ``(N, H, W)`` integer classes in ``[0, num_classes)``.
+        num_classes: ``K``, the length of each count row.
+
+    Returns:
+        ``image_mean_std`` ``(N, 2)`` float32 and ``label_pixels`` ``(N, K)`` int64.
+    """
+    flat = image.astype(np.float64).reshape(image.shape[0], -1)
+    mean_std = np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1).astype(np.float32)
+    counts = np.stack([np.bincount(lab.reshape(-1), minlength=num_classes) for lab in label.astype(np.int64)])
+    return {"image_mean_std": mean_std, "label_pixels": counts.astype(np.int64)}
+
+
+def write_network_samples(source: Path, destination: Path) -> Path:
+    """Copy the samples file ``source`` to ``destination`` without the dataset's pixels.
+
+    :data:`DATA_KEYS` are replaced by :func:`slice_fingerprint`; everything the network produced (its
+    prediction, kept tokens, scores, weights) and the box it saw are kept. Returns ``destination``.
+    """
+    arrays = load_report_samples(source)
+    if not set(DATA_KEYS) <= arrays.keys():
+        raise SampleDataError(f"{source}: holds no {' / '.join(DATA_KEYS)}: already archived?")
+    num_classes = int(max(arrays["label"].max(), arrays["pred"].max())) + 1
+    if "class_names" in arrays:
+        num_classes = max(num_classes, len(arrays["class_names"]) + 1)
+    kept = {k: v for k, v in arrays.items() if k not in DATA_KEYS}
+    kept.update(slice_fingerprint(arrays["image"], arrays["label"], num_classes))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with destination.open("wb") as f:
+        np.savez_compressed(f, **kept)
+    return destination
+
+
+SliceReader = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+"""``(case_id, slice_index) -> (image (C, H, W), label (H, W))`` at the network's input size."""
+
+
+def restore_dataset_slices(arrays: dict[str, np.ndarray], read_slice: SliceReader, where: str) -> dict:
+    """Archived samples with ``image`` and ``label`` read back by ``read_slice``; unchanged if present.
+
+    Raises:
+        SampleDataError: naming ``where`` (the samples file), the case and the slice when the slice read
+            back differs from the fingerprint the run stored (another version of the dataset, another
+            input size or preprocessing).
+    """
+    if set(DATA_KEYS) <= arrays.keys():
+        return arrays
+    images, labels = [], []
+    for case_id, z in zip(arrays["case_ids"], arrays["slice_indices"], strict=True):
+        image, label = read_slice(str(case_id), int(z))
+        images.append(np.asarray(image, dtype=np.float32))
+        labels.append(np.asarray(label).astype(np.uint8))
+    image, label = np.stack(images).astype(np.float16), np.stack(labels)
+    num_classes = arrays["label_pixels"].shape[1]
+    if label.size and int(label.max()) >= num_classes:
+        raise SampleDataError(
+            f"{where}: the dataset's labels reach {int(label.max())}, the run's {num_classes - 1}"
+        )
+    found = slice_fingerprint(image, label, num_classes)
+    for i, (case_id, z) in enumerate(zip(arrays["case_ids"], arrays["slice_indices"], strict=True)):
+        image_differs = (
+            np.abs(found["image_mean_std"][i] - arrays["image_mean_std"][i]).max() > IMAGE_TOLERANCE
+        )
+        if image_differs or not np.array_equal(found["label_pixels"][i], arrays["label_pixels"][i]):
+            raise SampleDataError(
+                f"{where}: case {case_id} slice {int(z)} read from the dataset differs from the slice the "
+                f"run saw (image mean/std {found['image_mean_std'][i].tolist()} vs "
+                f"{arrays['image_mean_std'][i].tolist()}, label pixels per class "
+                f"{found['label_pixels'][i].tolist()} vs {arrays['label_pixels'][i].tolist()})"
+            )
+    return {**arrays, "image": image, "label": label}
+
+
+def dataset_slice_reader(config_path: Path) -> SliceReader:
+    """A :data:`SliceReader` for the dataset and input size of a run's ``config.yaml``.
+
+    The dataset is built from the config's ``dataset`` node (its root resolved as the run resolved it,
+    ``PRATO_*_ROOT`` included, relative to the current folder) and each slice is resized as the run's
+    evaluation resized it (:func:`~prato_exp.data.transforms.resize_pair`). Cases are read once.
+
+    Raises:
+        SampleDataError: when the dataset cannot be built (its folder missing, say), with the reason.
+    """
+    from hydra.errors import HydraException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from prato_exp.data.transforms import resize_pair
+
+    config = OmegaConf.load(config_path)
+    try:
+        source = instantiate(config.dataset)
+        size = int(config.model.img_size)
+    except (HydraException, OmegaConfBaseException, OSError, ValueError) as err:
+        reason = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
+        raise SampleDataError(
+            f"{config_path}: cannot read the run's dataset back ({reason}); a relative root is read from "
+            "the current folder, and the dataset presets take their root from PRATO_*_ROOT when set"
+        ) from err
+    cases: dict[str, Any] = {}
+
+    def read_slice(case_id: str, z: int) -> tuple[np.ndarray, np.ndarray]:
+        if case_id not in cases:
+            try:
+                cases[case_id] = source.load_case(case_id)
+            except (KeyError, OSError, ValueError) as err:
+                raise SampleDataError(f"{config_path}: cannot read case {case_id} back ({err})") from err
+        case = cases[case_id]
+        image, label = resize_pair(case.image[:, z], case.label[z], size)
+        return image.numpy(), label.numpy()
+
+    return read_slice
