@@ -681,3 +681,46 @@ def test_a_row_whose_images_each_decoded_their_own_window_says_so(tmp_path):
     report([tmp_path], tmp_path / "out", figures=False)
     caption = (tmp_path / "out" / "win_t_acdc.md").read_text()
     assert "Decoder window: own (margin 0, each image its own window), shared (margin 0) ran" in caption
+
+
+def test_a_shared_row_takes_the_seeds_its_table_lacks_from_the_tables_that_ran_it(tmp_path):
+    for seed in (0, 1):
+        for row, pruned in (("PrATo (ours)", True), ("unpruned", False)):
+            make_run(
+                tmp_path / f"t4_{row[:3]}_{seed}",
+                table="table4_pruners",
+                row=row,
+                seed=seed,
+                offset=0.0,
+                reference="PrATo (ours)",
+                pruned=pruned,
+                samples=False,
+            )
+        make_run(
+            tmp_path / f"t5_{seed}",
+            table="table5_backbones",
+            row="TransUNet + PrATo",
+            seed=seed,
+            offset=0.01,
+            reference="TransUNet + PrATo",
+            samples=False,
+        )
+    for row in ("k=3", "k=5"):
+        make_run(
+            tmp_path / f"t3_{row}", table="table3_roialign_k", row=row, seed=0, offset=0.0, reference="k=5"
+        )
+    report([tmp_path], tmp_path / "out", figures=False)
+    table5 = _csv(tmp_path / "out" / "table5_backbones_acdc.csv")
+    assert set(table5) == {"UNETR", "UNETR + PrATo", "TransUNet + PrATo"}
+    own = _csv(tmp_path / "out" / "table4_pruners_acdc.csv")
+    for shared, original in (("UNETR + PrATo", "PrATo (ours)"), ("UNETR", "unpruned")):
+        assert table5[shared]["dsc_mean_mean"] == own[original]["dsc_mean_mean"]
+        assert table5[shared]["n_seeds"] == "2"
+        assert table5[shared]["runs"] == own[original]["runs"]
+    assert table5["UNETR"]["p_value"] != ""  # paired against its own reference, "UNETR + PrATo"
+    caption = (tmp_path / "out" / "table5_backbones_acdc.md").read_text()
+    assert "row 'UNETR + PrATo' seed(s) 0, 1: the run(s) of table4_pruners 'PrATo (ours)'" in caption
+    # Table III has its own k = 5 seed 0, and no seed 1 in any row: nothing is taken
+    table3 = _csv(tmp_path / "out" / "table3_roialign_k_acdc.csv")
+    assert table3["k=5"]["n_seeds"] == "1" and "t3_k=5" in table3["k=5"]["runs"]
+    assert "the same configuration" not in (tmp_path / "out" / "table3_roialign_k_acdc.md").read_text()

@@ -243,3 +243,52 @@ def test_the_decoder_window_sweep_tests_each_window_against_the_dense_decoder_of
     run = compose_eval(["rescore=decoder_window", "ckpt=x", "prompt=partial", "decoder_window=1"])
     report = OmegaConf.to_container(run.report, resolve=True)
     assert (report["row"], report["reference_row"]) == ("partial, decoder 1", "partial, decoder dense")
+
+
+# --------------------------------------------------------------------------------------------------------
+# rows shared between tables (src/prato_exp/report/shared_rows.yaml)
+
+SELECT_ROW = {
+    ("table1_components", "PrATo (ours)"): ["row=prato"],
+    ("table2_thresholds", "q=25"): ["threshold=percentile25"],
+    ("table3_roialign_k", "k=5"): ["pruning.k=5"],
+    ("table4_pruners", "PrATo (ours)"): ["row=prato"],
+    ("table4_pruners", "unpruned"): ["row=unpruned"],
+    ("table4_pruners", "unpruned + box channel"): ["row=box_channel"],
+    ("table5_backbones", "UNETR + PrATo"): ["row=prato"],
+    ("table5_backbones", "UNETR"): ["row=unpruned"],
+    ("table5_backbones", "UNETR + box channel"): ["row=box_channel"],
+}
+"""The overrides that pick each shared row out of its preset's sweep."""
+UNETR_OF_SCALE = {"cpu": "unetr_small", "paper": "unetr"}
+
+
+def _shared_member_config(table: str, row: str, dataset: str, scale: str) -> tuple[dict, dict]:
+    overrides = [f"experiment={table}", f"dataset={dataset}", f"scale={scale}", "seed=1"]
+    overrides += SELECT_ROW[(table, row)]
+    if table == "table5_backbones":
+        overrides.append(f"model={UNETR_OF_SCALE[scale]}")
+    cfg = OmegaConf.to_container(compose_train(overrides), resolve=True)
+    return cfg, cfg.pop("report")
+
+
+@pytest.mark.parametrize("dataset", ["acdc", "isic"])
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_rows_declared_shared_are_one_configuration_in_every_table(dataset, scale):
+    from prato_exp.report.tables import shared_row_sets
+
+    for members in shared_row_sets():
+        configs = []
+        for member in members:
+            cfg, report_block = _shared_member_config(member.table, member.row, dataset, scale)
+            assert (report_block["table"], report_block["row"]) == (member.table, member.row)
+            assert report_block["reference_row"] == member.reference_row
+            configs.append(cfg)
+        for member, cfg in zip(members[1:], configs[1:], strict=True):
+            assert cfg == configs[0], f"{member} differs from {members[0]}"
+
+
+def test_every_shared_row_is_picked_by_a_known_override():
+    from prato_exp.report.tables import shared_row_sets
+
+    assert {(m.table, m.row) for members in shared_row_sets() for m in members} == set(SELECT_ROW)

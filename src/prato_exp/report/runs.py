@@ -66,6 +66,8 @@ class RunRecord:
         prompted: True when the run's network reads the box prompt: ``report.prompted`` where given, else
             a PrATo pruner or a truthy model key naming a box (``box_channel: true``).
         samples: the run's figure samples file, or None.
+        shared_from: for a run placed in a table other than its own (a row that is the same
+            configuration there, ``shared_rows.yaml``), its own table and row; None otherwise.
     """
 
     path: Path
@@ -93,6 +95,7 @@ class RunRecord:
     window_per_image: bool = False
     prompted: bool = False
     samples: Path | None = None
+    shared_from: str | None = None
 
     @property
     def class_names(self) -> list[str]:

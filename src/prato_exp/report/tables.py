@@ -1,7 +1,9 @@
 """The paper's tables from run records: grouping, mean ± std over seeds, paired tests, Markdown and CSV.
 
 Runs are grouped by ``(report.table, dataset)`` into one output table and by ``report.row`` into its rows;
-the seeds of a row are its replicates. Every cell is the mean ± sample standard deviation (``ddof=1``)
+the seeds of a row are its replicates. A row that is one configuration in several tables
+(``shared_rows.yaml``) is trained once: a seed the table has but the row lacks is taken from another
+member's run, and the caption names it. Every cell is the mean ± sample standard deviation (``ddof=1``)
 over seeds of one run-level figure, with ``n`` and the paper's value beside it. Beside the cells, a
 two-sided Wilcoxon signed-rank test of the per-case mean DSC of a row against its reference row (cases
 paired by case id within a seed, seeds pooled) tells which differences are noise.
@@ -16,7 +18,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -206,15 +208,83 @@ def row_order(table: str, labels: Sequence[str]) -> list[str]:
     return known + sorted(set(labels) - set(known))
 
 
+@dataclass(frozen=True)
+class SharedRow:
+    """One table's row in a set of rows that are the same configuration (``shared_rows.yaml``)."""
+
+    table: str
+    row: str
+    reference_row: str
+
+
+@cache
+def shared_row_sets() -> tuple[tuple[SharedRow, ...], ...]:
+    """``shared_rows.yaml``: the sets of rows that are one training run in several tables."""
+    text = files("prato_exp.report").joinpath("shared_rows.yaml").read_text()
+    return tuple(tuple(SharedRow(**member) for member in members) for members in yaml.safe_load(text))
+
+
+def borrow_shared_rows(buckets: dict[tuple[str, str], dict[str, list[RunRecord]]]) -> dict[str, list[str]]:
+    """Fill, in place, each shared row's missing seeds from another member's runs; return notes per table.
+
+    Only seeds the table holds in some row of its own are filled, and only from runs of the same dataset
+    and scale as the table's own runs, first from the member with the most such seeds (so a row comes
+    from one table where it can, then in ``shared_rows.yaml``'s order). Each filled run is a copy placed
+    in the table (its ``table``, ``row`` and ``reference_row`` those of the member), with ``shared_from``
+    naming the run's own table and row.
+    """
+    notes: dict[str, list[str]] = {}
+    for members in shared_row_sets():
+        for (table, dataset), rows in buckets.items():
+            own = [r for runs in rows.values() for r in runs if r.shared_from is None]
+            seeds, scales = {r.seed for r in own}, {r.scale for r in own}
+            for target in (m for m in members if m.table == table):
+                have = {r.seed for r in rows.get(target.row, [])}
+                fitting = [
+                    [
+                        run
+                        for run in (buckets.get((source.table, dataset)) or {}).get(source.row, [])
+                        if run.shared_from is None and run.scale in scales and run.seed in seeds - have
+                    ]
+                    for source in members
+                    if source != target
+                ]
+                taken: dict[int | None, RunRecord] = {}
+                for runs in sorted(fitting, key=len, reverse=True):  # the fullest source first, stable
+                    for run in runs:
+                        taken.setdefault(run.seed, run)
+                if not taken:
+                    continue
+                rows.setdefault(target.row, []).extend(
+                    replace(
+                        run,
+                        table=table,
+                        row=target.row,
+                        reference_row=target.reference_row,
+                        shared_from=f"{run.table} '{run.row}'",
+                    )
+                    for run in taken.values()
+                )
+                sources = sorted({f"{r.table} '{r.row}'" for r in taken.values()})
+                notes.setdefault(f"{table}_{dataset}", []).append(
+                    f"row '{target.row}' seed(s) {', '.join(str(s) for s in sorted(taken))}: the run(s) of "
+                    f"{' and '.join(sources)}, the same configuration (`shared_rows.yaml`, checked by "
+                    "tests/test_table_presets.py), not trained again"
+                )
+    return notes
+
+
 def group_runs(records: Sequence[RunRecord]) -> list[TableGroup]:
     """One :class:`TableGroup` per ``(table, dataset)``, sorted; a seed run twice in a row keeps the last
-    folder (in path order) and says so in the group's notes."""
+    folder (in path order) and says so in the group's notes; shared rows are filled by
+    :func:`borrow_shared_rows`."""
     buckets: dict[tuple[str, str], dict[str, list[RunRecord]]] = {}
     for run in sorted(records, key=lambda r: str(r.path)):
         buckets.setdefault((run.table, run.dataset), {}).setdefault(run.row, []).append(run)
+    shared_notes = borrow_shared_rows(buckets)
     groups = []
     for (table, dataset), rows in sorted(buckets.items()):
-        notes: list[str] = []
+        notes: list[str] = list(shared_notes.get(f"{table}_{dataset}", []))
         ordered: dict[str, list[RunRecord]] = {}
         for label in row_order(table, list(rows)):
             by_seed: dict[int | None, RunRecord] = {}
