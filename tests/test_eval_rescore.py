@@ -71,7 +71,13 @@ def test_a_key_eval_does_not_use_is_an_error():
         rescoring_config(compose_eval(["ckpt=x", "+model.hidden_size=384"]), _run_cfg("percentile25"))
 
 
-def test_rescoring_a_trained_checkpoint_at_q50_prunes_twice_as_many_tokens(tmp_path):
+DATA = ["dataset=synthetic_cardiac", "dataset.size=48", "dataset.num_train=8", "dataset.num_val=2"]
+DATA += ["dataset.num_test=0", "num_overlays=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A PrATo (q = 25) trained one epoch on phantoms."""
     tiny = ["model.img_size=32", "datamodule.batch_size=4", "dataset.size=48", "dataset.num_train=8"]
     tiny += [
         "dataset.num_val=2",
@@ -80,16 +86,22 @@ def test_rescoring_a_trained_checkpoint_at_q50_prunes_twice_as_many_tokens(tmp_p
         "efficiency.latency_repeats=2",
     ]
     tiny += ["logger=none", "trainer.max_epochs=1"]
-    results = train(compose_train([*tiny, "pruning=percentile25"]), tmp_path / "run")
-    ckpt = results["last_checkpoint"]
-    data = ["dataset=synthetic_cardiac", "dataset.size=48", "dataset.num_train=8", "dataset.num_val=2"]
-    data += ["dataset.num_test=0", "num_overlays=1"]
-    at_50 = evaluate(compose_eval([f"ckpt={ckpt}", *data, "pruning=percentile50"]), tmp_path / "q50")
-    at_25 = evaluate(compose_eval([f"ckpt={ckpt}", *data]), tmp_path / "q25")
+    return train(compose_train([*tiny, "pruning=percentile25"]), tmp_path_factory.mktemp("run"))
+
+
+def test_rescoring_a_trained_checkpoint_at_q50_prunes_twice_as_many_tokens(trained, tmp_path):
+    ckpt = trained["last_checkpoint"]
+    at_50 = evaluate(compose_eval([f"ckpt={ckpt}", *DATA, "pruning=percentile50"]), tmp_path / "q50")
+    at_25 = evaluate(compose_eval([f"ckpt={ckpt}", *DATA]), tmp_path / "q25")
     assert at_25["metrics"]["val/sparsity"] == pytest.approx(0.25, abs=0.03)
     assert at_50["metrics"]["val/sparsity"] == pytest.approx(0.50, abs=0.03)
     stored = json.loads((tmp_path / "q50" / "metrics.json").read_text())
     assert stored["metrics"]["val/sparsity"] == at_50["metrics"]["val/sparsity"]
+
+
+def test_a_rescoring_run_records_what_its_weights_were_trained_on(trained, tmp_path):
+    results = evaluate(compose_eval([f"ckpt={trained['last_checkpoint']}", *DATA]), tmp_path / "eval")
+    assert results["train_samples_seen"] == trained["train_samples_seen"] == 8  # 2 steps of 4, 1 epoch
 
 
 @pytest.mark.parametrize(("choice", "expected"), [("dense", None), ("1", 1), ("0", 0)])

@@ -268,6 +268,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if split == "val":
         results["note"] = "scored on the validation split: these are validation figures"
     results["seed"] = run_cfg.seed
+    results["train_samples_seen"] = checkpoint.get("prato_train_samples_seen")
     results["report"] = report_block(run_cfg, split, _checkpoint_kind(cfg.ckpt))
     results["report"].update({k: v for k, v in (cfg.get("report") or {}).items() if v is not None})
     if trainer.is_global_zero:

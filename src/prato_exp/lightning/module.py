@@ -215,3 +215,9 @@ class SegmentationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["prato_run_config"] = self.run_config
+        batch_size = (self.run_config or {}).get("datamodule", {}).get("batch_size")
+        if batch_size is not None:
+            # what the weights were trained on, for a re-scoring run's training-budget line
+            checkpoint["prato_train_samples_seen"] = (
+                self.trainer.global_step * batch_size * self.trainer.world_size
+            )
