@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from prato_exp.report.samples import SAMPLES_FILENAME, write_network_samples
+from prato_exp.report.samples import SAMPLES_FILENAME, load_report_samples, write_network_samples
 
 ARCHIVED = ("config.yaml", "metrics.json", "train.log", "splits.json")
 """What is copied of a run folder (each only if present, except ``metrics.json`` and ``config.yaml``)."""
@@ -58,11 +58,18 @@ def archive(run: Path, dest: Path) -> Path:
     target.mkdir(parents=True)
     for file in files:
         shutil.copy2(file, target / file.name)
-    if (run / SAMPLES_FILENAME).is_file():
-        samples = write_network_samples(run / SAMPLES_FILENAME, target / SAMPLES_FILENAME)
-        if samples.stat().st_size > MAX_FILE_BYTES:
-            shutil.rmtree(target)
-            raise ValueError(f"{run}: {SAMPLES_FILENAME} without the data is still over 2 MiB")
+    samples = run / SAMPLES_FILENAME
+    if samples.is_file():
+        try:
+            if "image" in load_report_samples(samples):
+                write_network_samples(samples, target / SAMPLES_FILENAME)
+            else:  # an archived run archived again: already without the data
+                shutil.copy2(samples, target / SAMPLES_FILENAME)
+            if (target / SAMPLES_FILENAME).stat().st_size > MAX_FILE_BYTES:
+                raise ValueError(f"{run}: {SAMPLES_FILENAME} without the data is still over 2 MiB")
+        except Exception:
+            shutil.rmtree(target)  # no half-written archive folder, which a rerun would refuse to replace
+            raise
     return target
 
 

@@ -593,12 +593,47 @@ def test_a_runs_dataset_that_is_gone_is_named(tmp_path):
         dataset_slice_reader(tmp_path / "config.yaml")
 
 
-def test_a_figure_whose_slices_cannot_be_read_back_is_listed_as_not_drawn(runs, tmp_path):
-    done = _archive_script(str(runs / "t1_0_0"), "--dest", str(tmp_path / "archive"))
+def _with_root(run: Path, root: Path) -> Path:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["dataset"]["root"] = str(root)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_an_eval_runs_literal_root_gives_way_to_the_datasets_variable(tmp_path, monkeypatch):
+    config = {"dataset": {"_target_": SOURCES["acdc"], "root": "/trained/here"}, "model": {"img_size": 64}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("PRATO_ACDC_ROOT", str(tmp_path / "moved_acdc"))
+    with pytest.raises(SampleDataError, match="moved_acdc does not exist"):
+        dataset_slice_reader(tmp_path / "config.yaml")
+
+
+def test_figures_whose_slices_cannot_be_read_back_are_listed_each_with_the_reason(tmp_path):
+    run = make_run(
+        tmp_path / "runs" / "t1",
+        table="table1_components",
+        row="PrATo (ours)",
+        seed=0,
+        offset=0.0,
+        reference="PrATo (ours)",
+    )
+    _with_root(run, tmp_path / "gone")
+    done = _archive_script(str(tmp_path / "runs"), "--dest", str(tmp_path / "archive"))
     assert done.returncode == 0, done.stderr
     result = report([tmp_path / "archive"], tmp_path / "report")
     assert result["figures"] == []
-    assert any("cannot read the run's dataset back" in line for line in result["missing"])
+    for name in ("samples_table1_components_acdc", "fig7", "fig8"):
+        lines = [line for line in result["missing"] if line.startswith(name)]
+        assert any("gone does not exist" in line for line in lines), (name, result["missing"])
+    assert not any(line.startswith("fig8: no runs") for line in result["missing"])
+
+
+def test_archiving_an_archive_keeps_its_samples(runs, tmp_path):
+    first = _archive_script(str(runs / "t1_0_0"), "--dest", str(tmp_path / "once"))
+    again = _archive_script(str(tmp_path / "once"), "--dest", str(tmp_path / "twice"))
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    once, twice = (tmp_path / d / "t1_0_0" / SAMPLES_FILENAME for d in ("once", "twice"))
+    assert twice.read_bytes() == once.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -724,3 +759,66 @@ def test_a_shared_row_takes_the_seeds_its_table_lacks_from_the_tables_that_ran_i
     table3 = _csv(tmp_path / "out" / "table3_roialign_k_acdc.csv")
     assert table3["k=5"]["n_seeds"] == "1" and "t3_k=5" in table3["k=5"]["runs"]
     assert "the same configuration" not in (tmp_path / "out" / "table3_roialign_k_acdc.md").read_text()
+
+
+def _set_report(run: Path, **report_values) -> Path:
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["report"].update(report_values)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def _table5_with_transunet(root: Path, seeds=(0, 1)) -> None:
+    for seed in seeds:
+        make_run(
+            root / f"t5_{seed}",
+            table="table5_backbones",
+            row="TransUNet + PrATo",
+            seed=seed,
+            offset=0.01,
+            reference="TransUNet + PrATo",
+            samples=False,
+        )
+
+
+def _t4_prato(folder: Path, seed: int | None, offset: float = 0.0) -> Path:
+    run = make_run(
+        folder,
+        table="table4_pruners",
+        row="PrATo (ours)",
+        seed=seed or 0,
+        offset=offset,
+        reference="PrATo (ours)",
+        samples=False,
+    )
+    if seed is None:
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.pop("seed")
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config.pop("seed")
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_a_shared_seed_run_twice_is_taken_as_its_own_table_keeps_it(tmp_path):
+    _table5_with_transunet(tmp_path, seeds=(0,))
+    _t4_prato(tmp_path / "t4_a", 0, offset=0.0)
+    _t4_prato(tmp_path / "t4_b", 0, offset=-0.1)
+    report([tmp_path], tmp_path / "out", figures=False)
+    table4 = _csv(tmp_path / "out" / "table4_pruners_acdc.csv")
+    table5 = _csv(tmp_path / "out" / "table5_backbones_acdc.csv")
+    assert table4["PrATo (ours)"]["runs"] == table5["UNETR + PrATo"]["runs"]
+    assert table5["UNETR + PrATo"]["runs"].endswith("t4_b")
+
+
+def test_a_shared_row_is_not_taken_across_scales_or_budgets_or_without_a_seed(tmp_path):
+    _table5_with_transunet(tmp_path, seeds=(0, 1))
+    _set_report(_t4_prato(tmp_path / "t4_paper", 0), scale="paper")
+    other_budget = _t4_prato(tmp_path / "t4_short", 1)
+    config = yaml.safe_load((other_budget / "config.yaml").read_text())
+    config["trainer"] = {"max_epochs": 2}
+    (other_budget / "config.yaml").write_text(yaml.safe_dump(config))
+    _t4_prato(tmp_path / "t4_unknown", None)
+    report([tmp_path], tmp_path / "out", figures=False)
+    assert set(_csv(tmp_path / "out" / "table5_backbones_acdc.csv")) == {"TransUNet + PrATo"}

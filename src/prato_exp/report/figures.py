@@ -55,12 +55,24 @@ class Figure:
 
 
 @cache
-def _samples(path: Path) -> dict[str, np.ndarray]:
-    """A run's samples with the dataset's slices (read back from its dataset when archived without)."""
+def _samples_or_error(path: Path) -> dict[str, np.ndarray] | SampleDataError:
+    """A run's samples with the dataset's slices (read back from its dataset when archived without), or
+    why they cannot be read back; either is read once per report, however many tables share the run."""
     arrays = load_report_samples(path)
     if "image" in arrays:
         return arrays
-    return restore_dataset_slices(arrays, dataset_slice_reader(path.parent / "config.yaml"), str(path))
+    try:
+        reader = dataset_slice_reader(path.parent / "config.yaml")
+        return restore_dataset_slices(arrays, reader, str(path))
+    except SampleDataError as err:
+        return err
+
+
+def _samples(path: Path) -> dict[str, np.ndarray]:
+    result = _samples_or_error(path)
+    if isinstance(result, SampleDataError):
+        raise result
+    return result
 
 
 def samples_of(run: RunRecord) -> dict[str, np.ndarray] | None:
@@ -161,6 +173,8 @@ def qualitative_figure(group: TableGroup, folder: Path, title: str) -> Figure | 
     columns = [(label, run) for label, runs in group.rows.items() if (run := _representative(runs))]
     if not columns:
         return None
+    for _, run in columns:  # every column's slices are read before a figure is opened
+        samples_of(run)
     base = samples_of(columns[0][1])
     keys = _keys(base)
     n_rows, n_cols = len(keys), 1 + len(columns)
@@ -279,9 +293,13 @@ def efficiency_figure(group: TableGroup, folder: Path, title: str) -> Figure | N
 PRATO_ROW_PREFERENCE = ("PrATo (ours)", "k=5", "q=25", "tight")
 
 
-def prato_runs(groups: Sequence[TableGroup]) -> dict[str, RunRecord]:
+def prato_runs(groups: Sequence[TableGroup], unreadable: list[str] | None = None) -> dict[str, RunRecord]:
     """Per dataset, the PrATo run whose samples Figs. 7 and 8 show: the lowest seed of the first row
-    named in :data:`PRATO_ROW_PREFERENCE` (Table IV first), else of any PrATo row with samples."""
+    named in :data:`PRATO_ROW_PREFERENCE` (Table IV first), else of any PrATo row with samples.
+
+    A run whose archived slices cannot be read back is passed over, its reason appended to
+    ``unreadable``.
+    """
 
     def order(group: TableGroup) -> tuple[int, str]:
         key = paper_table_key(group.table) or "table99"
@@ -297,7 +315,15 @@ def prato_runs(groups: Sequence[TableGroup]) -> dict[str, RunRecord]:
                     continue
                 candidates = [r for r in runs if r.pruner.lower().startswith("prato") and r.samples]
                 run = _representative(candidates)
-                if run is not None and samples_of(run)["keep_grid"].shape[1] > 0:
+                if run is None:
+                    continue
+                try:
+                    pruned = samples_of(run)["keep_grid"].shape[1] > 0
+                except SampleDataError as err:
+                    if unreadable is not None and str(err) not in unreadable:
+                        unreadable.append(str(err))
+                    continue
+                if pruned:
                     chosen[group.dataset] = run
                     break
     return dict(sorted(chosen.items()))
@@ -416,13 +442,12 @@ def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figu
                 missing.append(f"fig5_{group.name}: no '<backbone> + PrATo' row")
             else:
                 figures.append(fig5)
-    try:
-        chosen = prato_runs(groups)
-    except SampleDataError as err:
-        return figures, [*missing, f"fig7, fig8: {err}"]
+    unreadable: list[str] = []
+    chosen = prato_runs(groups, unreadable)
     for fig, name in ((retention_figure(chosen, folder), "fig7"), (score_figure(chosen, folder), "fig8")):
         if fig is None:
             missing.append(f"{name}: no PrATo run with report samples (and, for Fig. 8, entropy weights)")
+            missing += [f"{name}: passed over: {reason}" for reason in unreadable]
         else:
             figures.append(fig)
     return figures, missing

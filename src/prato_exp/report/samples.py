@@ -33,6 +33,7 @@ int64, pixels per class), and the report reads the slices back from the run's da
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,20 @@ def write_network_samples(source: Path, destination: Path) -> Path:
     return destination
 
 
+ROOT_VARIABLES = {"ACDCSource": "PRATO_ACDC_ROOT", "ISICSource": "PRATO_ISIC_ROOT"}
+"""The environment variable that moves each real dataset (as in ``conf/dataset/``), by source class."""
+
 SliceReader = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
 """``(case_id, slice_index) -> (image (C, H, W), label (H, W))`` at the network's input size."""
 
 
-def restore_dataset_slices(arrays: dict[str, np.ndarray], read_slice: SliceReader, where: str) -> dict:
+def restore_dataset_slices(
+    arrays: dict[str, np.ndarray], read_slice: SliceReader, where: str
+) -> dict[str, np.ndarray]:
     """Archived samples with ``image`` and ``label`` read back by ``read_slice``; unchanged if present.
+
+    The fingerprint catches another dataset version, input size or intensity preprocessing; it cannot
+    tell a slice from its own flip or transpose.
 
     Raises:
         SampleDataError: naming ``where`` (the samples file), the case and the slice when the slice read
@@ -252,6 +261,8 @@ def restore_dataset_slices(arrays: dict[str, np.ndarray], read_slice: SliceReade
     """
     if set(DATA_KEYS) <= arrays.keys():
         return arrays
+    if len(arrays["case_ids"]) == 0:
+        raise SampleDataError(f"{where}: holds no samples")
     images, labels = [], []
     for case_id, z in zip(arrays["case_ids"], arrays["slice_indices"], strict=True):
         image, label = read_slice(str(case_id), int(z))
@@ -297,13 +308,17 @@ def dataset_slice_reader(config_path: Path) -> SliceReader:
 
     config = OmegaConf.load(config_path)
     try:
+        source_name = str(config.dataset._target_).rsplit(".", 1)[-1]
+        env_root = os.environ.get(ROOT_VARIABLES.get(source_name, ""))
+        if env_root and "root" in config.dataset:
+            config.dataset.root = env_root  # an eval run's config holds the root its checkpoint resolved
         source = instantiate(config.dataset)
-        size = int(config.model.img_size)
+        size = int(OmegaConf.select(config, "datamodule.input_size", default=None) or config.model.img_size)
     except (HydraException, OmegaConfBaseException, OSError, ValueError) as err:
         reason = err.__cause__ if isinstance(err, HydraException) and err.__cause__ else err
         raise SampleDataError(
             f"{config_path}: cannot read the run's dataset back ({reason}); a relative root is read from "
-            "the current folder, and the dataset presets take their root from PRATO_*_ROOT when set"
+            f"the current folder, and {' / '.join(ROOT_VARIABLES.values())} replace the root when set"
         ) from err
     cases: dict[str, Any] = {}
 
@@ -314,6 +329,8 @@ def dataset_slice_reader(config_path: Path) -> SliceReader:
             except (KeyError, OSError, ValueError) as err:
                 raise SampleDataError(f"{config_path}: cannot read case {case_id} back ({err})") from err
         case = cases[case_id]
+        if not 0 <= z < case.num_slices:
+            raise SampleDataError(f"{config_path}: case {case_id} has {case.num_slices} slices, not {z + 1}")
         image, label = resize_pair(case.image[:, z], case.label[z], size)
         return image.numpy(), label.numpy()
 

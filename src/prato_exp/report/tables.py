@@ -224,35 +224,40 @@ def shared_row_sets() -> tuple[tuple[SharedRow, ...], ...]:
     return tuple(tuple(SharedRow(**member) for member in members) for members in yaml.safe_load(text))
 
 
-def borrow_shared_rows(buckets: dict[tuple[str, str], dict[str, list[RunRecord]]]) -> dict[str, list[str]]:
-    """Fill, in place, each shared row's missing seeds from another member's runs; return notes per table.
+def borrow_shared_rows(
+    buckets: dict[tuple[str, str], dict[str, list[RunRecord]]],
+) -> dict[tuple[str, str], list[str]]:
+    """Fill, in place, each shared row's missing seeds from another member's runs; return notes per
+    ``(table, dataset)``.
 
-    Only seeds the table holds in some row of its own are filled, and only from runs of the same dataset
-    and scale as the table's own runs, first from the member with the most such seeds (so a row comes
-    from one table where it can, then in ``shared_rows.yaml``'s order). Each filled run is a copy placed
-    in the table (its ``table``, ``row`` and ``reference_row`` those of the member), with ``shared_from``
-    naming the run's own table and row.
+    A run is taken only where the table's own runs hold its seed, scale and training budget (in some
+    row), its row lacks that seed and scale, and its seed is known; first from the member with the most
+    such runs (so a row comes from one table where it can, then in ``shared_rows.yaml``'s order), and
+    within a member the last run of a seed in path order (as :func:`group_runs` keeps). Each filled run
+    is a copy placed in the table (its ``table``, ``row`` and ``reference_row`` those of the member),
+    with ``shared_from`` naming the run's own table and row.
     """
-    notes: dict[str, list[str]] = {}
+    notes: dict[tuple[str, str], list[str]] = {}
     for members in shared_row_sets():
         for (table, dataset), rows in buckets.items():
-            own = [r for runs in rows.values() for r in runs if r.shared_from is None]
-            seeds, scales = {r.seed for r in own}, {r.scale for r in own}
+            own = {
+                (r.seed, r.scale, r.budget) for runs in rows.values() for r in runs if r.shared_from is None
+            }
             for target in (m for m in members if m.table == table):
-                have = {r.seed for r in rows.get(target.row, [])}
-                fitting = [
-                    [
-                        run
-                        for run in (buckets.get((source.table, dataset)) or {}).get(source.row, [])
-                        if run.shared_from is None and run.scale in scales and run.seed in seeds - have
-                    ]
-                    for source in members
-                    if source != target
-                ]
-                taken: dict[int | None, RunRecord] = {}
-                for runs in sorted(fitting, key=len, reverse=True):  # the fullest source first, stable
-                    for run in runs:
-                        taken.setdefault(run.seed, run)
+                have = {(r.seed, r.scale) for r in rows.get(target.row, [])}
+                fitting = []
+                for source in (m for m in members if m != target):
+                    latest: dict[tuple[int | None, str | None], RunRecord] = {}
+                    for run in (buckets.get((source.table, dataset)) or {}).get(source.row, []):
+                        key = (run.seed, run.scale)
+                        usable = run.shared_from is None and run.seed is not None and key not in have
+                        if usable and (run.seed, run.scale, run.budget) in own:
+                            latest[key] = run
+                    fitting.append(latest)
+                taken: dict[tuple[int | None, str | None], RunRecord] = {}
+                for latest in sorted(fitting, key=len, reverse=True):  # the fullest source first, stable
+                    for key, run in latest.items():
+                        taken.setdefault(key, run)
                 if not taken:
                     continue
                 rows.setdefault(target.row, []).extend(
@@ -266,8 +271,9 @@ def borrow_shared_rows(buckets: dict[tuple[str, str], dict[str, list[RunRecord]]
                     for run in taken.values()
                 )
                 sources = sorted({f"{r.table} '{r.row}'" for r in taken.values()})
-                notes.setdefault(f"{table}_{dataset}", []).append(
-                    f"row '{target.row}' seed(s) {', '.join(str(s) for s in sorted(taken))}: the run(s) of "
+                seeds = sorted({r.seed for r in taken.values() if r.seed is not None})
+                notes.setdefault((table, dataset), []).append(
+                    f"row '{target.row}' seed(s) {', '.join(map(str, seeds))}: the run(s) of "
                     f"{' and '.join(sources)}, the same configuration (`shared_rows.yaml`, checked by "
                     "tests/test_table_presets.py), not trained again"
                 )
@@ -284,7 +290,7 @@ def group_runs(records: Sequence[RunRecord]) -> list[TableGroup]:
     shared_notes = borrow_shared_rows(buckets)
     groups = []
     for (table, dataset), rows in sorted(buckets.items()):
-        notes: list[str] = list(shared_notes.get(f"{table}_{dataset}", []))
+        notes: list[str] = list(shared_notes.get((table, dataset), []))
         ordered: dict[str, list[RunRecord]] = {}
         for label in row_order(table, list(rows)):
             by_seed: dict[int | None, RunRecord] = {}
