@@ -67,11 +67,11 @@ from hydra.errors import InstantiationException
 from torch import nn
 
 from prato_exp.cli.allocator import retain_freed_memory
-from prato_exp.cli.common import CONFIG_DIR, build_net, environment
-from prato_exp.cli.eval import load_checkpoint, load_net_weights
+from prato_exp.cli.common import CONFIG_DIR, environment
 from prato_exp.data.phantoms import SyntheticCardiacSource
 from prato_exp.data.prompts import BoxPrompter
 from prato_exp.data.transforms import resize_pair
+from prato_exp.lightning.checkpoint import build_net, load_checkpoint, load_net_weights
 from prato_exp.metrics.efficiency import FlopReport, count_flops, measure_latency
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

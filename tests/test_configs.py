@@ -5,8 +5,8 @@ import torch
 from conftest import compose_train, group_choices, require_acdc, require_isic
 from hydra.utils import instantiate
 
-from prato_exp.cli.common import build_net
 from prato_exp.data.phantoms import SyntheticCardiacSource
+from prato_exp.lightning.checkpoint import build_net
 from prato_exp.pruning.base import PrunerContext, TokenPruner
 
 REAL_DATA = {"acdc": require_acdc, "isic": require_isic}

@@ -8,8 +8,9 @@ from conftest import compose_eval, compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prato_exp.cli.eval import evaluate, rescoring_config, upgrade_run_config
+from prato_exp.cli.eval import evaluate, rescoring_config
 from prato_exp.cli.train import train
+from prato_exp.lightning.checkpoint import upgrade_run_config
 from prato_exp.pruning.budget import TokenBudget
 
 

@@ -1,4 +1,5 @@
-"""The package's layers import downwards only: tokens <- pruning <- models <- lightning/cli."""
+"""The package's layers import downwards only: tokens <- pruning <- models <- lightning <- inference <- app
+and cli; data and metrics stand beside the network layers; report reads runs, never the entry points."""
 
 import ast
 from pathlib import Path
@@ -8,9 +9,34 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prato_exp"
 
 # what each lower layer must never import (it would run up the layers)
+ENTRY_POINTS = ("prato_exp.cli", "prato_exp.app")
 FORBIDDEN = {
-    "tokens": ("prato_exp.models", "prato_exp.pruning", "prato_exp.lightning", "prato_exp.cli"),
-    "pruning": ("prato_exp.models", "prato_exp.lightning", "prato_exp.cli"),
+    "tokens": (
+        "prato_exp.models",
+        "prato_exp.pruning",
+        "prato_exp.lightning",
+        "prato_exp.inference",
+        *ENTRY_POINTS,
+    ),
+    "pruning": ("prato_exp.models", "prato_exp.lightning", "prato_exp.inference", *ENTRY_POINTS),
+    "models": (
+        "prato_exp.data",
+        "prato_exp.lightning",
+        "prato_exp.inference",
+        "prato_exp.report",
+        *ENTRY_POINTS,
+    ),
+    "data": (
+        "prato_exp.models",
+        "prato_exp.pruning",
+        "prato_exp.lightning",
+        "prato_exp.inference",
+        *ENTRY_POINTS,
+    ),
+    "metrics": ("prato_exp.lightning", "prato_exp.inference", "prato_exp.report", *ENTRY_POINTS),
+    "lightning": ("prato_exp.inference", "prato_exp.report", *ENTRY_POINTS),
+    "inference": ("prato_exp.report", *ENTRY_POINTS),
+    "report": ENTRY_POINTS,
 }
 
 

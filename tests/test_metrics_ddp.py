@@ -249,7 +249,8 @@ def test_lightning_ddp_spawn_validate_scores_every_case_once(tmp_path):
     from conftest import compose_train  # here, so the spawned workers of the tests above skip Hydra
     from hydra.utils import instantiate
 
-    from prato_exp.cli.common import build_datamodule, build_net
+    from prato_exp.cli.common import build_datamodule
+    from prato_exp.lightning.checkpoint import build_net
     from prato_exp.lightning.module import SegmentationModule
 
     cfg = compose_train(

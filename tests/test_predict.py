@@ -18,13 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from prato_exp.cli.common import build_datamodule, build_net
-from prato_exp.cli.eval import load_checkpoint
+from prato_exp.cli.common import build_datamodule
 from prato_exp.cli.predict import main as predict_main
 from prato_exp.data.phantoms import SyntheticCardiacSource
 from prato_exp.data.prompts import BoxError
 from prato_exp.data.transforms import resize_pair
 from prato_exp.inference import Prediction, Segmenter
+from prato_exp.lightning.checkpoint import build_net, load_checkpoint
 from prato_exp.lightning.module import SegmentationModule
 
 TINY_MODEL = [

@@ -45,7 +45,7 @@ if str(TESTS_DIR) not in sys.path:  # run as a script: ``conftest`` lives in tes
 
 from conftest import compose_train, group_choices  # noqa: E402
 
-from prato_exp.cli.common import build_net, source_class  # noqa: E402
+from prato_exp.lightning.checkpoint import build_net, source_class  # noqa: E402
 from prato_exp.lightning.module import SegmentationModule  # noqa: E402
 
 REFERENCE_PATH = TESTS_DIR / "data" / "reference_outputs.pt"

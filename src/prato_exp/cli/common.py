@@ -18,11 +18,10 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prato_exp.data.base import SegSource
+from prato_exp.lightning.checkpoint import build_net, source_class
 from prato_exp.lightning.datamodule import EvalSlices, SegDataModule
 from prato_exp.metrics.efficiency import count_flops, measure_latency
 from prato_exp.metrics.volume import summarise_volume_hd95, volume_hd95_rows
-from prato_exp.models.box_channel import BoxChannelInput
 from prato_exp.pruning.base import pruning_disabled
 from prato_exp.pruning.budget import TokenBudget
 
@@ -61,29 +60,6 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
         prompter=instantiate(cfg.prompt),
         augment=list(instantiate(cfg.augment.transforms)),
     )
-
-
-def source_class(dataset_cfg: DictConfig) -> type[SegSource]:
-    """The dataset source class of ``dataset_cfg`` without building it (channels and classes are class
-    attributes), so a run can build its network, and so check its model and pruning values, first."""
-    cls = get_class(dataset_cfg._target_)
-    if not (isinstance(cls, type) and issubclass(cls, SegSource)):
-        raise ValueError(f"dataset._target_={dataset_cfg._target_!r} is not a SegSource subclass")
-    return cls
-
-
-def build_net(
-    model_cfg: DictConfig, source: SegSource | type[SegSource], box_channel: bool = False
-) -> nn.Module:
-    """The network of ``model_cfg`` sized for ``source``'s channels and classes (an instance or class).
-
-    With ``box_channel`` the network takes one more input channel, the box prompt as a binary mask
-    (:class:`~prato_exp.models.box_channel.BoxChannelInput`), the control row of Tables IV and V.
-    """
-    net = instantiate(
-        model_cfg, in_channels=source.in_channels + int(box_channel), out_channels=source.num_classes
-    )
-    return BoxChannelInput(net) if box_channel else net
 
 
 def check_run_config(cfg: DictConfig) -> nn.Module:

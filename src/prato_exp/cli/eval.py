@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from prato_exp.cli.common import (
     CONFIG_DIR,
@@ -28,62 +26,14 @@ from prato_exp.cli.common import (
     report_block,
     write_json,
 )
+from prato_exp.lightning.checkpoint import load_checkpoint, load_net_weights
 from prato_exp.lightning.module import SegmentationModule
 from prato_exp.lightning.progress import progress_bar
 from prato_exp.models.decoder_window import check_window_batch
-from prato_exp.pruning.budget import TokenBudget
 from prato_exp.report.samples import save_report_samples
 from prato_exp.visualize import save_overlays
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a prato_exp Lightning checkpoint with ``weights_only=True`` semantics."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "prato_run_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a prato_exp training checkpoint (no run config or state_dict in it)")
-    upgrade_run_config(checkpoint["prato_run_config"])
-    return checkpoint
-
-
-FLAT_BUDGET_KEYS = ("threshold", "q", "tau", "min_keep")
-"""Pruning keys of checkpoints written before the token budget object (now ``pruning.budget``)."""
-
-
-def upgrade_run_config(run_config: dict[str, Any]) -> None:
-    """Move an older checkpoint's flat ``pruning.threshold/q/tau/min_keep`` into ``pruning.budget``, in place.
-
-    Applies to ``pruning`` and to the resolved ``model.pruner``; a pruner without a budget (DToP, which
-    stored them as null to refuse them) just loses the null keys.
-    """
-    model = run_config.get("model")
-    for node in (run_config.get("pruning"), model.get("pruner") if isinstance(model, dict) else None):
-        if not isinstance(node, dict) or "budget" in node or not any(k in node for k in FLAT_BUDGET_KEYS):
-            continue
-        flat = {k: node.pop(k) for k in FLAT_BUDGET_KEYS if k in node}
-        target = node.get("_target_")
-        if target is None or "budget" not in inspect.signature(get_class(target)).parameters:
-            continue
-        budget = {"_target_": f"{TokenBudget.__module__}.TokenBudget"}
-        budget["rule"] = flat.get("threshold", "percentile")
-        budget |= {k: flat[k] for k in ("q", "tau", "min_keep") if k in flat}
-        node["budget"] = budget
-
-
-def load_net_weights(net: nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
-    """Put the checkpoint's ``net.*`` weights into ``net``; a checkpoint of another model is an error."""
-    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model {type(net).__name__} built from its run config "
-            f"for this dataset (a checkpoint of another model, size or class count?): {err}"
-        ) from err
 
 
 EVAL_KEYS = frozenset(

@@ -49,10 +49,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
-from prato_exp.cli.common import build_net, source_class
-from prato_exp.cli.eval import load_checkpoint, load_net_weights
 from prato_exp.data.prompts import BoxError, sanitize_boxes
 from prato_exp.data.transforms import resize_pair
+from prato_exp.lightning.checkpoint import build_net, load_checkpoint, load_net_weights, source_class
 from prato_exp.metrics import efficiency
 from prato_exp.pruning.base import TokenPruner, pruning_disabled
 
