@@ -69,6 +69,7 @@ def _flat(split: str, rows: list[dict], classes=CLASSES, sparsity: float | None 
     flat[f"{split}/counts/slice/no_foreground"] = 3.0
     if sparsity is not None:
         flat[f"{split}/sparsity"] = sparsity
+        flat[f"{split}/fg_token_recall"] = 1.0 - sparsity / 2
     return flat
 
 
@@ -822,3 +823,15 @@ def test_a_shared_row_is_not_taken_across_scales_or_budgets_or_without_a_seed(tm
     _t4_prato(tmp_path / "t4_unknown", None)
     report([tmp_path], tmp_path / "out", figures=False)
     assert set(_csv(tmp_path / "out" / "table5_backbones_acdc.csv")) == {"TransUNet + PrATo"}
+
+
+def test_the_markdown_shows_each_pruned_rows_foreground_token_recall(runs, out):
+    lines = (out / "table1_components_acdc.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| row |")).split(" | ")
+    column = header.index("fg token recall")
+    recalls = [
+        json.loads(p.read_text())["val"]["val/fg_token_recall"]
+        for p in sorted(runs.glob("t1_0_*/metrics.json"))
+    ]
+    prato = next(line for line in lines if line.startswith("| PrATo (ours) |")).split(" | ")
+    assert prato[column] == f"{np.mean(recalls):.3f} ± {np.std(recalls, ddof=1):.3f}"
