@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from scipy.stats import wilcoxon
 
 from prato_exp.data.phantoms import SyntheticCardiacSource
@@ -311,7 +312,7 @@ def test_isic_table_has_single_class_layout_and_figures(out):
         "fig9_table6_prompts_acdc",
         "samples_table1_components_acdc",
     ):
-        assert f"{stem}.png" in names and f"{stem}.pdf" in names
+        assert f"{stem}.png" in names and f"{stem}.pdf" not in names
     index = (out / "index.md").read_text()
     assert "fig3: no runs of table4" in index
 
@@ -835,3 +836,12 @@ def test_the_markdown_shows_each_pruned_rows_foreground_token_recall(runs, out):
     ]
     prato = next(line for line in lines if line.startswith("| PrATo (ours) |")).split(" | ")
     assert prato[column] == f"{np.mean(recalls):.3f} ± {np.std(recalls, ddof=1):.3f}"
+
+
+def test_pdf_figures_are_written_on_request_and_pngs_are_small(runs, tmp_path):
+    report([runs], tmp_path / "out", pdf=True)
+    figures = tmp_path / "out" / "figures"
+    assert (figures / "fig7_retention_maps.pdf").is_file()
+    assert "([pdf](figures/fig7_retention_maps.pdf))" in (tmp_path / "out" / "index.md").read_text()
+    with Image.open(figures / "fig7_retention_maps.png") as png:
+        assert png.mode == "P"  # a 256-colour palette

@@ -5,7 +5,7 @@ Finds every ``metrics.json`` below the given folders, groups the runs by ``repor
 
     DIR/index.md                    the tables, the figures and what was left out
     DIR/<table>_<dataset>.md, .csv  one table in the paper's layout
-    DIR/figures/fig*.png, .pdf      Figs. 3-9 (and sample panels of the other tables)
+    DIR/figures/fig*.png (.pdf)     Figs. 3-9 (and sample panels of the other tables); PDF with --pdf
 
 A hand-written discussion of a table, ``DIR/discussion/<table>_<dataset>.md`` where it exists, is placed
 under that table (after a rule, marked as written by hand), so a rerun keeps it. Tables are
@@ -51,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         "stopping",
     )
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--pdf", action="store_true", help="write each figure as PDF too (beside the PNG)")
     return parser
 
 
 def report(
-    runs: Sequence[Path], out: Path, allow_incomplete: bool = False, figures: bool = True
+    runs: Sequence[Path],
+    out: Path,
+    allow_incomplete: bool = False,
+    figures: bool = True,
+    pdf: bool = False,
 ) -> dict[str, list]:
     """Write every table (and figure) of the runs below ``runs`` into ``out``; return what was written.
 
@@ -84,14 +89,14 @@ def report(
     written: list[Figure] = []
     missing: list[str] = []
     if figures:
-        written, missing = write_figures(groups, out / "figures")
+        written, missing = write_figures(groups, out / "figures", pdf)
         drawn = {f.stem.name.split("_")[0] for f in written}
         missing += [
             f"{fig}: no runs of {source} here"
             for fig, source in PAPER_FIGURES.items()
             if fig not in drawn and not any(line.startswith(fig) for line in missing)
         ]
-    (out / "index.md").write_text(_index(groups, sections, written, missing, problems, out))
+    (out / "index.md").write_text(_index(groups, sections, written, missing, problems, out, pdf))
     for line in missing:
         print(f"note: figure not drawn: {line}", file=sys.stderr)
     print(f"wrote {len(tables)} table(s) and {len(written)} figure(s) to {out} (index: {out / 'index.md'})")
@@ -109,7 +114,7 @@ def _discussion(path: Path) -> str:
     )
 
 
-def _index(groups, sections, figures, missing, problems, out: Path) -> str:
+def _index(groups, sections, figures, missing, problems, out: Path, pdf: bool) -> str:
     lines = [
         "# PrATo reproduction: tables and figures",
         "",
@@ -128,7 +133,8 @@ def _index(groups, sections, figures, missing, problems, out: Path) -> str:
     lines += ["", "## Figures", ""]
     for fig in figures:
         rel = fig.stem.relative_to(out)
-        lines.append(f"- [{rel.name}]({rel}.png) ([pdf]({rel}.pdf)): {fig.caption}")
+        also = f" ([pdf]({rel}.pdf))" if pdf else ""
+        lines.append(f"- [{rel.name}]({rel}.png){also}: {fig.caption}")
     lines += [f"- not drawn: {m}" for m in missing]
     if problems:
         lines += ["", "## Run folders left out", "", *[f"- {p}" for p in problems]]
@@ -140,7 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``prato-report``."""
     args = build_parser().parse_args(argv)
     try:
-        report(args.runs, args.out, allow_incomplete=args.allow_incomplete, figures=not args.no_figures)
+        report(
+            args.runs,
+            args.out,
+            allow_incomplete=args.allow_incomplete,
+            figures=not args.no_figures,
+            pdf=args.pdf,
+        )
     except ReportError as err:
         print(f"prato-report: error: {err}", file=sys.stderr)
         return 2

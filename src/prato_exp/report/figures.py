@@ -11,12 +11,13 @@
 - Fig. 8 (:func:`score_figure`): the distribution of PrATo's relevance scores and of its inverse-entropy
   weights, each against the flat "true uniform" density.
 
-Every figure is written as PNG and PDF (no creation date in the PDF, so reruns differ only where the
-drawing does).
+Every figure is written as PNG (256 colours, small enough to commit) and, on request, PDF (no creation
+date, so reruns differ only where the drawing does).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +32,7 @@ import torch
 from matplotlib import patheffects
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from PIL import Image
 
 from prato_exp.report.runs import RunRecord
 from prato_exp.report.samples import (
@@ -79,10 +81,21 @@ def samples_of(run: RunRecord) -> dict[str, np.ndarray] | None:
     return None if run.samples is None else _samples(run.samples)
 
 
-def _save(fig: plt.Figure, stem: Path) -> None:
+def _save(fig: plt.Figure, stem: Path, pdf: bool) -> None:
+    """Write ``stem.png`` (120 dpi, 256 colours: a few hundred kB for a page of MR slices, small enough to
+    commit) and, with ``pdf``, ``stem.pdf`` (no creation date, so a rerun writes the same bytes)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(stem.with_suffix(".png"), dpi=120, metadata={"Software": None})
-    fig.savefig(stem.with_suffix(".pdf"), metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(
+            colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        ).save(stem.with_suffix(".png"), optimize=True)
+    if pdf:
+        fig.savefig(
+            stem.with_suffix(".pdf"), metadata={"CreationDate": None, "Producer": None, "Creator": None}
+        )
     plt.close(fig)
 
 
@@ -168,7 +181,7 @@ def figure_name(group: TableGroup) -> str:
     return f"{fig}_{group.name}"
 
 
-def qualitative_figure(group: TableGroup, folder: Path, title: str) -> Figure | None:
+def qualitative_figure(group: TableGroup, folder: Path, title: str, pdf: bool = False) -> Figure | None:
     """Figs. 3 / 4 / 6 / 9: each row of ``group`` side by side on the same slices; None without samples."""
     columns = [(label, run) for label, runs in group.rows.items() if (run := _representative(runs))]
     if not columns:
@@ -212,7 +225,7 @@ def qualitative_figure(group: TableGroup, folder: Path, title: str) -> Figure | 
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 0.97))
     stem = folder / figure_name(group)
-    _save(fig, stem)
+    _save(fig, stem, pdf)
     rows = ", ".join(label for label, _ in columns)
     return Figure(stem, f"{title}: {len(keys)} slices; columns: image + ground truth, {rows}")
 
@@ -234,7 +247,7 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     return float(kept.mean()), float(kept.std(ddof=1)) if kept.size > 1 else 0.0
 
 
-def efficiency_figure(group: TableGroup, folder: Path, title: str) -> Figure | None:
+def efficiency_figure(group: TableGroup, folder: Path, title: str, pdf: bool = False) -> Figure | None:
     """Fig. 5: (a) GFLOPs and (b) token sparsity per backbone, unpruned beside PrATo-pruned.
 
     The unpruned bar is the separately trained ``<backbone>`` row where the table has one, else the
@@ -282,7 +295,7 @@ def efficiency_figure(group: TableGroup, folder: Path, title: str) -> Figure | N
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     stem = folder / f"fig5_{group.name}"
-    _save(fig, stem)
+    _save(fig, stem, pdf)
     return Figure(
         stem,
         f"{title}: GFLOPs and token sparsity of {', '.join(p[0] for p in pairs)}, unpruned vs + PrATo "
@@ -329,7 +342,7 @@ def prato_runs(groups: Sequence[TableGroup], unreadable: list[str] | None = None
     return dict(sorted(chosen.items()))
 
 
-def retention_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
+def retention_figure(runs: dict[str, RunRecord], folder: Path, pdf: bool = False) -> Figure | None:
     """Fig. 7: tokens alive after the last pruning point, on the same slices as the other figures."""
     if not runs:
         return None
@@ -361,12 +374,12 @@ def retention_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
     )
     fig.tight_layout()
     stem = folder / "fig7_retention_maps"
-    _save(fig, stem)
+    _save(fig, stem, pdf)
     described = "; ".join(f"{d}: {r.table} '{r.row}' seed {r.seed}" for d, r in runs.items())
     return Figure(stem, f"Fig. 7: token-retention maps after the last pruning point ({described})")
 
 
-def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
+def score_figure(runs: dict[str, RunRecord], folder: Path, pdf: bool = False) -> Figure | None:
     """Fig. 8: (a) density of the first pruning point's relevance scores (min-max scaled per image) and
     (b) density of PrATo's inverse-entropy weights, each slice a line, against the uniform density 1."""
     runs = {d: r for d, r in runs.items() if "weights" in samples_of(r)}
@@ -408,7 +421,7 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
     )
     fig.tight_layout()
     stem = folder / "fig8_scores_weights"
-    _save(fig, stem)
+    _save(fig, stem, pdf)
     return Figure(
         stem,
         "Fig. 8: distribution of relevance scores (a) and inverse-entropy weights (b) vs uniform; the "
@@ -416,7 +429,9 @@ def score_figure(runs: dict[str, RunRecord], folder: Path) -> Figure | None:
     )
 
 
-def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figure], list[str]]:
+def write_figures(
+    groups: Sequence[TableGroup], folder: Path, pdf: bool = False
+) -> tuple[list[Figure], list[str]]:
     """Every figure the runs allow; returns the figures and one line per figure that could not be drawn
     (no run stored samples, or archived samples whose slices could not be read back from the dataset)."""
     figures: list[Figure] = []
@@ -428,7 +443,7 @@ def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figu
         if name.startswith("samples_"):
             title = f"{group.table}, {dataset}: predictions on the same slices"
         try:
-            fig = qualitative_figure(group, folder, title)
+            fig = qualitative_figure(group, folder, title, pdf)
         except SampleDataError as err:
             missing.append(f"{name}: {err}")
         else:
@@ -437,14 +452,15 @@ def write_figures(groups: Sequence[TableGroup], folder: Path) -> tuple[list[Figu
             else:
                 figures.append(fig)
         if paper_table_key(group.table) == "table5":
-            fig5 = efficiency_figure(group, folder, f"Fig. 5: {group.table}, {dataset}")
+            fig5 = efficiency_figure(group, folder, f"Fig. 5: {group.table}, {dataset}", pdf)
             if fig5 is None:
                 missing.append(f"fig5_{group.name}: no '<backbone> + PrATo' row")
             else:
                 figures.append(fig5)
     unreadable: list[str] = []
     chosen = prato_runs(groups, unreadable)
-    for fig, name in ((retention_figure(chosen, folder), "fig7"), (score_figure(chosen, folder), "fig8")):
+    drawn = ((retention_figure(chosen, folder, pdf), "fig7"), (score_figure(chosen, folder, pdf), "fig8"))
+    for fig, name in drawn:
         if fig is None:
             missing.append(f"{name}: no PrATo run with report samples (and, for Fig. 8, entropy weights)")
             missing += [f"{name}: passed over: {reason}" for reason in unreadable]
