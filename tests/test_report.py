@@ -733,15 +733,7 @@ def test_a_shared_row_takes_the_seeds_its_table_lacks_from_the_tables_that_ran_i
                 pruned=pruned,
                 samples=False,
             )
-        make_run(
-            tmp_path / f"t5_{seed}",
-            table="table5_backbones",
-            row="TransUNet + PrATo",
-            seed=seed,
-            offset=0.01,
-            reference="TransUNet + PrATo",
-            samples=False,
-        )
+    _table5_with_transunet(tmp_path, seeds=(0, 1))
     for row in ("k=3", "k=5"):
         make_run(
             tmp_path / f"t3_{row}", table="table3_roialign_k", row=row, seed=0, offset=0.0, reference="k=5"
