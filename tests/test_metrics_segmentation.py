@@ -192,6 +192,24 @@ def test_empty_table_is_applied_before_averaging_over_cases():
     assert out["case/hd95/LV"] == pytest.approx(4 * math.sqrt(2) / 2)
 
 
+def test_size_ratio_tells_over_from_under_segmentation():
+    truth = labels(6, 6, (1, slice(1, 3), slice(1, 3)))
+    over = slice_stats(labels(6, 6, (1, slice(1, 3), slice(1, 5))), truth, 2)
+    under = slice_stats(labels(6, 6, (1, slice(1, 2), slice(1, 3))), truth, 2)
+    assert (over.size_ratio[0], under.size_ratio[0]) == (2.0, 0.5)
+    assert math.isnan(slice_stats(truth, torch.zeros(6, 6, dtype=torch.long), 2).size_ratio[0])
+
+
+def test_case_size_ratio_is_over_the_stacked_volume():
+    meter = SegmentationMeter(2, ["LV"])
+    meter.update("p1", 0, labels(4, 4, (1, slice(0, 2), slice(0, 2))), points(4, 4, (1, 1)))
+    meter.update("p1", 1, torch.zeros(4, 4, dtype=torch.long), labels(4, 4, (1, slice(0, 3), slice(0, 1))))
+    out = meter.compute()
+    assert out["case/size_ratio/LV"] == pytest.approx(4 / 4)
+    assert out["slice/size_ratio/LV"] == pytest.approx((4 / 1 + 0 / 3) / 2)
+    assert meter.per_case()[0]["size_ratio/LV"] == pytest.approx(1.0)
+
+
 def test_class_mean_is_mean_of_per_class_values():
     meter = SegmentationMeter(3, ["RV", "LV"])
     rv_lv = labels(4, 4, (1, slice(0, 1), slice(0, 1)), (2, slice(3, 4), slice(3, 4)))

@@ -119,6 +119,7 @@ def make_run(
     hd95_3d: bool = False,
     samples: bool = True,
     report_block: bool = True,
+    size_ratio: float | None = None,
 ) -> Path:
     """One fake run folder; per-case values drawn from ``seed`` and ``offset``, figures reduced from them."""
     rng = np.random.default_rng([seed, round(offset * 1000) + 1000, len(row)])
@@ -144,11 +145,14 @@ def make_run(
         )
     metrics: dict = {"environment": {"commit": "abc1234"}, "efficiency": efficiency}
     sparsity = 0.25 + 0.01 * seed if pruned else None
+    flat = _flat("val", rows, classes, sparsity)
+    if size_ratio is not None:
+        flat["val/case/size_ratio_mean"] = size_ratio
     if kind == "train":
         metrics.update(
             choices={"dataset": dataset, "model": "unetr_small"},
             seed=seed,
-            val=_flat("val", rows, classes, sparsity),
+            val=flat,
             test=None,
             per_case={"val": rows},
         )
@@ -156,7 +160,7 @@ def make_run(
         metrics.update(
             split="val",
             prompt_condition=prompt,
-            metrics=_flat("val", rows, classes, sparsity),
+            metrics=flat,
             per_case=rows,
             checkpoint="/somewhere/best-009.ckpt",
         )
@@ -296,6 +300,28 @@ def test_eval_only_runs_make_table6(runs, out):
         assert table[row]["prompt"] == row and table[row]["seeds"] == "0 1"
     assert float(table["misleading"]["dsc_mean_paper"]) == 0.6528
     assert float(table["misleading"]["p_value"]) > 0
+
+
+def test_size_ratio_column_only_where_a_run_recorded_it(out, tmp_path):
+    assert "size ratio" not in (out / "table1_components_acdc.md").read_text()
+    for seed, ratio in ((0, 1.25), (1, None)):
+        make_run(
+            tmp_path / "runs" / f"r{seed}",
+            table="table6_prompts",
+            row="oversized",
+            seed=seed,
+            offset=0.0,
+            reference="tight",
+            kind="eval",
+            prompt="oversized",
+            size_ratio=ratio,
+            samples=False,
+        )
+    report([tmp_path / "runs"], tmp_path / "out", figures=False)
+    row = _csv(tmp_path / "out" / "table6_prompts_acdc.csv")["oversized"]
+    assert (float(row["size_ratio_mean_mean"]), row["size_ratio_mean_n"]) == (1.25, "1")
+    text = (tmp_path / "out" / "table6_prompts_acdc.md").read_text()
+    assert "| size ratio |" in text and "above 1 the model over-segments" in text
 
 
 def test_isic_table_has_single_class_layout_and_figures(out):

@@ -53,7 +53,9 @@ SpacingHW = tuple[float, float] | None
 EMPTY_KINDS = ("both_empty", "truth_only", "pred_only")
 """The empty-mask kinds counted per class: both sides empty, only truth present, only prediction present."""
 
-METRICS = ("dsc", "iou", "hd95")
+METRICS = ("dsc", "iou", "hd95", "size_ratio")
+"""The per-class metrics: ``size_ratio`` is the predicted over the true foreground size (>1: over-,
+<1: under-segmentation), which DSC alone cannot tell apart."""
 
 
 def _check_spacing(spacing_hw: Sequence[float] | None) -> tuple[float, float] | None:
@@ -91,6 +93,14 @@ def iou_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
     tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
     den = tp + fp + fn
     return np.divide(tp, den, out=np.full_like(den, np.nan), where=den > 0)
+
+
+def size_ratio_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """Predicted over true foreground size ``(tp + fp) / (tp + fn)`` elementwise; NaN where the truth is
+    empty (a prediction there is counted as ``pred_only`` instead)."""
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    truth = tp + fn
+    return np.divide(tp + fp, truth, out=np.full_like(truth, np.nan), where=truth > 0)
 
 
 def hd95_surface(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
@@ -179,6 +189,11 @@ class SliceStats:
         return iou_from_counts(self.tp, self.fp, self.fn)
 
     @property
+    def size_ratio(self) -> np.ndarray:
+        """``(K-1,)`` predicted over true pixel count (NaN where the truth is empty)."""
+        return size_ratio_from_counts(self.tp, self.fp, self.fn)
+
+    @property
     def empty_kind(self) -> list[str]:
         """Per class: ``both_empty``, ``truth_only``, ``pred_only`` or ``both_present``."""
         return [_kind(bool(t), bool(p)) for t, p in zip(self.truth_present, self.pred_present, strict=True)]
@@ -260,6 +275,10 @@ class _CaseStats:
     def iou(self) -> np.ndarray:
         return iou_from_counts(self.tp, self.fp, self.fn)
 
+    @property
+    def size_ratio(self) -> np.ndarray:
+        return size_ratio_from_counts(self.tp, self.fp, self.fn)
+
 
 def _case_stats(slices: Sequence[SliceStats]) -> _CaseStats:
     return _CaseStats(
@@ -281,7 +300,7 @@ class SegmentationMeter:
         class_names: names of the foreground classes ``1..K-1`` (a list of length ``K`` is accepted too,
             its first entry taken as background and dropped). Default ``class1``, ``class2``, ...
 
-    ``compute()`` keys, with ``<m>`` in ``dsc, iou, hd95`` and ``<c>`` a class name:
+    ``compute()`` keys, with ``<m>`` in ``dsc, iou, hd95, size_ratio`` and ``<c>`` a class name:
         ``slice/<m>/<c>``, ``slice/<m>_mean``: averaged over all slices (the table's NaNs excluded);
         ``case/<m>/<c>``, ``case/<m>_mean``: per case (stacked-volume DSC/IoU, mean-of-slices HD95), then
         averaged over cases; ``*_mean`` is the mean of the per-class values.

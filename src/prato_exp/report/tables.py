@@ -168,6 +168,7 @@ VALUE_GETTERS: dict[str, Callable[[RunRecord], Any]] = {
     "latency_ratio": lambda r: _latency(r, "latency_ratio"),
     "latency_ms": lambda r: _latency(r, "latency_ms"),
     "fg_token_recall": lambda r: r.metrics.get("fg_token_recall"),
+    "size_ratio_mean": lambda r: r.metrics.get("case/size_ratio_mean"),
     "slice_dsc_mean": lambda r: r.metrics.get("slice/dsc_mean"),
     "slice_hd95_mean": lambda r: r.metrics.get("slice/hd95_mean"),
 }
@@ -402,6 +403,11 @@ def paired_test(group: TableGroup, label: str) -> PairedTest:
 # the table
 
 
+def _has_size_ratio(runs: list[RunRecord]) -> bool:
+    """Whether any run recorded the predicted-over-true size (runs scored before it existed did not)."""
+    return any(r.metrics.get("case/size_ratio_mean") is not None for r in runs)
+
+
 def layout(group: TableGroup) -> list[Column]:
     """The value columns of a table: the paper's metric columns for the dataset, then efficiency."""
     classes: list[str] = []
@@ -419,6 +425,8 @@ def layout(group: TableGroup) -> list[Column]:
         cols += [Column("dsc_mean", "DSC"), Column("iou_mean", "IoU"), Column("hd95_mean", "HD95", ".2f")]
     if any(int(row.get("num_slices", 1)) > 1 for run in group.runs for row in run.per_case):
         cols.append(Column("hd95_3d_mean", "HD95 3-D", ".2f"))
+    if _has_size_ratio(group.runs):
+        cols.append(Column("size_ratio_mean", "size ratio", ".3f"))
     cols += [
         Column("gflops", "GFLOPs", ".3f"),
         Column("sparsity", "sparsity", ".3f"),
@@ -548,6 +556,13 @@ def caption(summary: TableSummary) -> list[str]:
         "averaged over the slices with foreground (tokens kept at random give the kept fraction: 0.75 at "
         "q = 25 with one pruning point).",
     ]
+    if _has_size_ratio(list(runs)):
+        lines.append(
+            "size ratio: predicted over true foreground size per case and class (a volume's voxels, an "
+            "image's pixels), averaged over the cases whose truth has the class, then over classes: above 1 "
+            "the model over-segments, below 1 it under-segments (runs scored before this metric existed did "
+            "not record it; a cell's [n=k] counts the runs that did)."
+        )
     points = _values(runs, "prune_points")
     if points:
         lines.append(f"Pruning points: {'; '.join(p for p in points if p)}.")
