@@ -210,6 +210,14 @@ def test_case_size_ratio_is_over_the_stacked_volume():
     assert meter.per_case()[0]["size_ratio/LV"] == pytest.approx(1.0)
 
 
+def test_size_ratio_over_cases_is_the_median_not_pulled_by_one_outlier():
+    meter = SegmentationMeter(2, ["LV"])
+    truth = labels(8, 8, (1, slice(0, 2), slice(0, 2)))
+    for case, cols in (("a", 2), ("b", 3), ("c", 8)):
+        meter.update(case, 0, labels(8, 8, (1, slice(0, 2), slice(0, cols))), truth)
+    assert meter.compute()["case/size_ratio/LV"] == pytest.approx(1.5)
+
+
 def test_class_mean_is_mean_of_per_class_values():
     meter = SegmentationMeter(3, ["RV", "LV"])
     rv_lv = labels(4, 4, (1, slice(0, 1), slice(0, 1)), (2, slice(3, 4), slice(3, 4)))

@@ -55,7 +55,8 @@ EMPTY_KINDS = ("both_empty", "truth_only", "pred_only")
 
 METRICS = ("dsc", "iou", "hd95", "size_ratio")
 """The per-class metrics: ``size_ratio`` is the predicted over the true foreground size (>1: over-,
-<1: under-segmentation), which DSC alone cannot tell apart."""
+<1: under-segmentation), which DSC alone cannot tell apart. It is reduced over slices or cases by the
+median: a mean of ratios is pulled up by one case whose small truth was over-segmented many times over."""
 
 
 def _check_spacing(spacing_hw: Sequence[float] | None) -> tuple[float, float] | None:
@@ -73,6 +74,14 @@ def _nanmean(values: np.ndarray | Sequence[float], axis: int | None = None) -> A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(arr, axis=axis) if arr.size else float("nan")
+
+
+def _nanmedian(values: np.ndarray | Sequence[float], axis: int | None = None) -> Any:
+    """``np.nanmedian`` without the all-NaN RuntimeWarning (an all-NaN slice gives NaN)."""
+    arr = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(arr, axis=axis) if arr.size else float("nan")
 
 
 def image_diagonal(height: int, width: int, spacing_hw: SpacingHW = None) -> float:
@@ -302,8 +311,9 @@ class SegmentationMeter:
 
     ``compute()`` keys, with ``<m>`` in ``dsc, iou, hd95, size_ratio`` and ``<c>`` a class name:
         ``slice/<m>/<c>``, ``slice/<m>_mean``: averaged over all slices (the table's NaNs excluded);
-        ``case/<m>/<c>``, ``case/<m>_mean``: per case (stacked-volume DSC/IoU, mean-of-slices HD95), then
-        averaged over cases; ``*_mean`` is the mean of the per-class values.
+        ``case/<m>/<c>``, ``case/<m>_mean``: per case (stacked-volume DSC/IoU/size ratio, mean-of-slices
+        HD95), then averaged over cases (the size ratio: its median over cases); ``*_mean`` is the mean of
+        the per-class values.
         ``counts/{slice,case}/<kind>/<c>`` for ``<kind>`` in :data:`EMPTY_KINDS`, their sums over classes
         ``counts/{slice,case}/<kind>``, ``counts/slices``, ``counts/cases`` and
         ``counts/slice/no_foreground`` (slices whose truth has no foreground class at all).
@@ -386,7 +396,8 @@ class SegmentationMeter:
         k = self.num_classes - 1
         for metric in METRICS:
             values = np.stack([getattr(s, metric) for s in items]) if items else np.full((0, k), np.nan)
-            per_class = _nanmean(values, axis=0) if items else np.full(k, np.nan)
+            reduce = _nanmedian if metric == "size_ratio" else _nanmean
+            per_class = reduce(values, axis=0) if items else np.full(k, np.nan)
             for name, v in zip(self.class_names, per_class, strict=True):
                 out[f"{prefix}/{metric}/{name}"] = float(v)
             out[f"{prefix}/{metric}_mean"] = float(_nanmean(per_class))

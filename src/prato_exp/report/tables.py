@@ -559,9 +559,9 @@ def caption(summary: TableSummary) -> list[str]:
     if _has_size_ratio(list(runs)):
         lines.append(
             "size ratio: predicted over true foreground size per case and class (a volume's voxels, an "
-            "image's pixels), averaged over the cases whose truth has the class, then over classes: above 1 "
-            "the model over-segments, below 1 it under-segments (runs scored before this metric existed did "
-            "not record it; a cell's [n=k] counts the runs that did)."
+            "image's pixels), its median over the cases whose truth has the class, then the mean over "
+            "classes: above 1 the model over-segments, below 1 it under-segments (runs scored before this "
+            "metric existed did not record it; a cell's [n=k] counts the runs that did)."
         )
     points = _values(runs, "prune_points")
     if points:
