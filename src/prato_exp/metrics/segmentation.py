@@ -310,7 +310,8 @@ class SegmentationMeter:
             its first entry taken as background and dropped). Default ``class1``, ``class2``, ...
 
     ``compute()`` keys, with ``<m>`` in ``dsc, iou, hd95, size_ratio`` and ``<c>`` a class name:
-        ``slice/<m>/<c>``, ``slice/<m>_mean``: averaged over all slices (the table's NaNs excluded);
+        ``slice/<m>/<c>``, ``slice/<m>_mean``: averaged over all slices (the table's NaNs excluded; the
+        size ratio: its median);
         ``case/<m>/<c>``, ``case/<m>_mean``: per case (stacked-volume DSC/IoU/size ratio, mean-of-slices
         HD95), then averaged over cases (the size ratio: its median over cases); ``*_mean`` is the mean of
         the per-class values.
