@@ -302,6 +302,30 @@ def test_eval_only_runs_make_table6(runs, out):
     assert float(table["misleading"]["p_value"]) > 0
 
 
+def test_rescored_table_names_its_eval_command(out):
+    text = (out / "table6_prompts_acdc.md").read_text()
+    assert "`python eval.py -m rescore=table6_prompts ckpt=<run>/checkpoints/best-<epoch>.ckpt`" in text
+    assert "python train.py" not in text
+
+
+def test_recorded_rescore_choice_wins_over_the_table_name(tmp_path):
+    folder = make_run(
+        tmp_path / "r",
+        table="my_table",
+        row="tight",
+        seed=0,
+        offset=0.0,
+        reference="tight",
+        kind="eval",
+        samples=False,
+    )
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert load_runs([folder], warn=print)[0][0].experiment is None  # no preset named my_table
+    metrics["choices"] = {"rescore": "table6_prompts"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert load_runs([folder], warn=print)[0][0].experiment == "table6_prompts"
+
+
 def test_size_ratio_column_only_where_a_run_recorded_it(out, tmp_path):
     assert "size ratio" not in (out / "table1_components_acdc.md").read_text()
     for seed, ratio in ((0, 1.25), (1, None)):

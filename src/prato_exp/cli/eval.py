@@ -21,6 +21,7 @@ from prato_exp.cli.common import (
     check_run_config,
     efficiency_report,
     environment,
+    hydra_choices,
     log_case_tables,
     prepare_run_dir,
     report_block,
@@ -218,6 +219,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if split == "val":
         results["note"] = "scored on the validation split: these are validation figures"
     results["seed"] = run_cfg.seed
+    results["choices"] = hydra_choices()
     results["train_samples_seen"] = checkpoint.get("prato_train_samples_seen")
     results["report"] = report_block(run_cfg, split, _checkpoint_kind(cfg.ckpt))
     results["report"].update({k: v for k, v in (cfg.get("report") or {}).items() if v is not None})

@@ -25,6 +25,9 @@ import yaml
 
 from prato_exp.report.samples import SAMPLES_FILENAME
 
+RESCORE_DIR = Path(__file__).resolve().parents[1] / "conf" / "rescore"
+"""The eval presets that rescore a table's checkpoints (``python eval.py -m rescore=<name> ckpt=...``)."""
+
 REPORT_KEYS = ("table", "row", "reference_row", "split", "checkpoint", "scale", "prompt")
 
 DATASET_OF_SOURCE = {
@@ -56,7 +59,9 @@ class RunRecord:
         commit: ``environment.commit`` or None.
         model, pruner: the model config name and the pruner's class name (from ``config.yaml``).
         prune_points: the model's ``prune_*`` settings, as text (``prune_after=[3]``), or ``""``.
-        experiment: the run's ``experiment`` config choice (the table preset), or None.
+        experiment: the table preset the run came from, or None: a training run's ``experiment`` choice,
+            an eval run's ``rescore`` choice (eval runs from before it was recorded: the ``rescore`` preset
+            named after the run's table, where one exists).
         budget: the training budget as text (epochs, samples seen, batch, lr, input size), or ``""``.
         machine: the machine the run trained on (platform, torch, threads, GPU), or ``""``.
         decoder_window: the model's ``decoder_window`` margin (its decoder ran only around the box), or
@@ -211,7 +216,7 @@ def load_run(run_dir: Path) -> RunRecord:
         model=(metrics.get("choices") or {}).get("model") or _name_of(model_cfg),
         pruner=pruner,
         prune_points=prune_points if pruned else "",
-        experiment=choice if (choice := (metrics.get("choices") or {}).get("experiment")) != "None" else None,
+        experiment=_preset(kind, str(report["table"]), metrics.get("choices") or {}),
         budget=_budget(config, metrics),
         machine=_machine(metrics.get("environment") or {}),
         decoder_window=window,
@@ -247,6 +252,17 @@ def _progress(items: list[Path], enabled: bool) -> Iterable[Path]:
     from tqdm import tqdm
 
     return tqdm(items, desc="reading runs", unit="run")
+
+
+def _preset(kind: str, table: str, choices: dict[str, Any]) -> str | None:
+    """The ``experiment`` (training) or ``rescore`` (eval) preset a run came from, or None."""
+    group = "experiment" if kind == "train" else "rescore"
+    choice = choices.get(group)
+    if choice not in (None, "None"):
+        return str(choice)
+    if kind == "eval" and (RESCORE_DIR / f"{table}.yaml").is_file():
+        return table
+    return None
 
 
 def _budget(config: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -55,6 +55,15 @@ CHECKPOINT_TITLES = {
     "last": "the final-epoch weights",
 }
 
+CHECKPOINT_FILES = {
+    "best": "best-<epoch>.ckpt",
+    "best on validation": "best-<epoch>.ckpt",
+    "final": "last.ckpt",
+    "final epoch": "last.ckpt",
+    "last": "last.ckpt",
+}
+"""The checkpoint file a rescoring command names, per the ``report.checkpoint`` of its runs."""
+
 SCALE_TITLES = {"cpu": "CPU presets (small models, short training)", "paper": "paper-size models"}
 
 
@@ -602,11 +611,7 @@ def caption(summary: TableSummary) -> list[str]:
             f"{unknown} of {len(timed)} runs did not record the machine's load when timed: their time "
             "cells may include time the machine spent on other work."
         )
-    experiments = _values(runs, "experiment")
-    if experiments:
-        seeds = ", ".join(_values(runs, "seed"))
-        commands = "; ".join(f"`python train.py -m experiment={e}`" for e in experiments)
-        lines.append(f"Command: {commands} (the preset's sweep; the runs here: seeds {seeds}).")
+    lines += _command_lines(runs)
     budgets = _values(runs, "budget")
     if budgets:
         lines.append(f"Training budget: {'; '.join(budgets)}.")
@@ -617,6 +622,29 @@ def caption(summary: TableSummary) -> list[str]:
     notes = list(group.notes) + [r.test.note for r in summary.rows if r.test.note]
     notes += _condition_notes(group)
     lines += [f"Note: {n}." for n in notes]
+    return lines
+
+
+def _command_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """The commands that made the runs: a training preset's sweep, or an eval preset over checkpoints."""
+    lines = []
+    trained = [r for r in runs if r.kind == "train"]
+    if _values(trained, "experiment"):
+        commands = "; ".join(f"`python train.py -m experiment={e}`" for e in _values(trained, "experiment"))
+        seeds = ", ".join(_values(trained, "seed"))
+        lines.append(f"Command: {commands} (the preset's sweep; the runs here: seeds {seeds}).")
+    rescored = [r for r in runs if r.kind == "eval"]
+    if _values(rescored, "experiment"):
+        names = sorted({CHECKPOINT_FILES.get(str(r.checkpoint), "<checkpoint>.ckpt") for r in rescored})
+        commands = "; ".join(
+            f"`python eval.py -m rescore={e} ckpt=<run>/checkpoints/{'|'.join(names)}`"
+            for e in _values(rescored, "experiment")
+        )
+        seeds = ", ".join(_values(rescored, "seed"))
+        lines.append(
+            f"Command: {commands}, with `<run>` each training run whose weights are scored (comma-separated "
+            f"for one sweep; the runs here: seeds {seeds})."
+        )
     return lines
 
 
