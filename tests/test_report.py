@@ -35,6 +35,7 @@ from prato_exp.report.samples import (
     save_report_samples,
     write_network_samples,
 )
+from prato_exp.report.tables import budget_lines
 
 CLASSES = ("RV", "Myo", "LV")
 CASES = [f"patient{i:03d}_frame01" for i in range(1, 7)]
@@ -324,6 +325,22 @@ def test_recorded_rescore_choice_wins_over_the_table_name(tmp_path):
     metrics["choices"] = {"rescore": "table6_prompts"}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     assert load_runs([folder], warn=print)[0][0].experiment == "table6_prompts"
+
+
+def test_a_budget_without_the_samples_count_joins_the_same_budget_with_it():
+    runs = [
+        SimpleNamespace(budget=b, seed=k)
+        for k, b in enumerate(
+            (
+                "15 epochs (19,680 training samples), batch 16",
+                "15 epochs, batch 16",
+                "15 epochs (19,680 training samples), batch 16",
+            )
+        )
+    ]
+    lines = budget_lines(runs)
+    assert lines[0] == "Training budget: 15 epochs (19,680 training samples), batch 16."
+    assert lines[1].startswith("1 of 3 runs (seeds 1) scored weights whose checkpoint predates")
 
 
 def test_size_ratio_column_only_where_a_run_recorded_it(out, tmp_path):

@@ -55,6 +55,9 @@ CHECKPOINT_TITLES = {
     "last": "the final-epoch weights",
 }
 
+SAMPLES_SEEN = re.compile(r" \([\d,]+ training samples\)")
+"""The samples-seen part of a budget text (``15 epochs (19,680 training samples), batch 16, ...``)."""
+
 CHECKPOINT_FILES = {
     "best": "best-<epoch>.ckpt",
     "best on validation": "best-<epoch>.ckpt",
@@ -612,9 +615,7 @@ def caption(summary: TableSummary) -> list[str]:
             "cells may include time the machine spent on other work."
         )
     lines += _command_lines(runs)
-    budgets = _values(runs, "budget")
-    if budgets:
-        lines.append(f"Training budget: {'; '.join(budgets)}.")
+    lines += budget_lines(runs)
     machines = _values(runs, "machine")
     if machines:
         lines.append(f"Machine: {'; '.join(machines)}.")
@@ -622,6 +623,24 @@ def caption(summary: TableSummary) -> list[str]:
     notes = list(group.notes) + [r.test.note for r in summary.rows if r.test.note]
     notes += _condition_notes(group)
     lines += [f"Note: {n}." for n in notes]
+    return lines
+
+
+def budget_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """The training budgets; a budget that lacks only the samples count joins the one that has it."""
+    budgets = _values(runs, "budget")
+    with_count = {SAMPLES_SEEN.sub("", b) for b in budgets if SAMPLES_SEEN.search(b)}
+    uncounted = [r for r in runs if r.budget in with_count]
+    shown = [b for b in budgets if b not in with_count]
+    if not shown:
+        return []
+    lines = [f"Training budget: {'; '.join(shown)}."]
+    if uncounted:
+        lines.append(
+            f"{len(uncounted)} of {len(runs)} runs (seeds {', '.join(_values(uncounted, 'seed'))}) scored "
+            "weights whose checkpoint predates the training-samples count; their budget is otherwise the "
+            "same."
+        )
     return lines
 
 
