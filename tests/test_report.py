@@ -340,7 +340,7 @@ def test_a_budget_without_the_samples_count_joins_the_same_budget_with_it():
     ]
     lines = budget_lines(runs)
     assert lines[0] == "Training budget: 15 epochs (19,680 training samples), batch 16."
-    assert lines[1].startswith("1 of 3 runs (seeds 1) scored weights whose checkpoint predates")
+    assert lines[1].startswith("1 of 3 runs (seed 1) scored weights whose checkpoint predates")
 
 
 def test_size_ratio_column_only_where_a_run_recorded_it(out, tmp_path):

@@ -636,8 +636,9 @@ def budget_lines(runs: Sequence[RunRecord]) -> list[str]:
         return []
     lines = [f"Training budget: {'; '.join(shown)}."]
     if uncounted:
+        seeds = _values(uncounted, "seed")
         lines.append(
-            f"{len(uncounted)} of {len(runs)} runs (seeds {', '.join(_values(uncounted, 'seed'))}) scored "
+            f"{len(uncounted)} of {len(runs)} runs (seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}) scored "
             "weights whose checkpoint predates the training-samples count; their budget is otherwise the "
             "same."
         )
