@@ -415,7 +415,7 @@ def paired_test(group: TableGroup, label: str) -> PairedTest:
 # the table
 
 
-def _has_size_ratio(runs: list[RunRecord]) -> bool:
+def _has_size_ratio(runs: Sequence[RunRecord]) -> bool:
     """Whether any run recorded the predicted-over-true size (runs scored before it existed did not)."""
     return any(r.metrics.get("case/size_ratio_mean") is not None for r in runs)
 
@@ -568,7 +568,7 @@ def caption(summary: TableSummary) -> list[str]:
         "averaged over the slices with foreground (tokens kept at random give the kept fraction: 0.75 at "
         "q = 25 with one pruning point).",
     ]
-    if _has_size_ratio(list(runs)):
+    if _has_size_ratio(runs):
         lines.append(
             "size ratio: predicted over true foreground size per case and class (a volume's voxels, an "
             "image's pixels), its median over the cases whose truth has the class, then the mean over "
