@@ -343,6 +343,21 @@ def test_a_budget_without_the_samples_count_joins_the_same_budget_with_it():
     assert lines[1].startswith("1 of 3 runs (seed 1) scored weights whose checkpoint predates")
 
 
+def test_budgets_that_differ_name_their_rows():
+    runs = [
+        SimpleNamespace(budget=b, seed=0, row=row)
+        for row, b in (
+            ("unpruned", "15 epochs (19,680 training samples), lr 0.0003"),
+            ("BasicUNet", "15 epochs (19,680 training samples), lr 0.001"),
+            ("PrATo", "15 epochs, lr 0.0003"),
+        )
+    ]
+    assert budget_lines(runs)[0] == (
+        "Training budget: 15 epochs (19,680 training samples), lr 0.0003 (unpruned, PrATo); "
+        "15 epochs (19,680 training samples), lr 0.001 (BasicUNet)."
+    )
+
+
 def test_size_ratio_column_only_where_a_run_recorded_it(out, tmp_path):
     assert "size ratio" not in (out / "table1_components_acdc.md").read_text()
     for seed, ratio in ((0, 1.25), (1, None)):

@@ -627,13 +627,22 @@ def caption(summary: TableSummary) -> list[str]:
 
 
 def budget_lines(runs: Sequence[RunRecord]) -> list[str]:
-    """The training budgets; a budget that lacks only the samples count joins the one that has it."""
+    """The training budgets, each naming its rows where they differ; a budget that lacks only the samples
+    count joins the one that has it."""
     budgets = _values(runs, "budget")
     with_count = {SAMPLES_SEEN.sub("", b) for b in budgets if SAMPLES_SEEN.search(b)}
     uncounted = [r for r in runs if r.budget in with_count]
     shown = [b for b in budgets if b not in with_count]
     if not shown:
         return []
+    if len(shown) > 1:
+        counted = {SAMPLES_SEEN.sub("", b): b for b in shown if SAMPLES_SEEN.search(b)}
+        rows_of = {b: [] for b in shown}
+        for run in runs:
+            rows = rows_of[counted.get(run.budget, run.budget)]
+            if run.row not in rows:
+                rows.append(run.row)
+        shown = [f"{b} ({', '.join(rows_of[b])})" for b in shown]
     lines = [f"Training budget: {'; '.join(shown)}."]
     if uncounted:
         seeds = _values(uncounted, "seed")
