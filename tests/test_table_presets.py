@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import compose_eval, compose_train, group_choices
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from prato_exp.cli.common import CONFIG_DIR
@@ -91,6 +92,26 @@ def _sweep(experiment: str) -> dict[str, list[str]]:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     return {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "subdir"),
+    [
+        (["experiment=table2_thresholds", "threshold=fixed0.1"], "7_unetr_small_acdc_percentile25_fixed0.1"),
+        (["experiment=table4_pruners", "row=box_channel"], "7_unetr_small_acdc_none_box_channel"),
+        (["experiment=table4_pruners", "row=dynamicvit"], "7_unetr_small_acdc_dynamicvit"),
+    ],
+)
+def test_a_sweep_job_folder_names_the_threshold_and_row_it_ran(overrides, subdir):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.job.num = 7
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.hydra.sweep.subdir == subdir
+        assert str(cfg.hydra.run.dir).endswith(subdir.removeprefix("7"))
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def _jobs(experiment: str) -> list[Any]:

@@ -47,7 +47,21 @@ def threshold_row(rule: str, q: float | None, tau: float | None) -> str:
     return TokenBudget(rule, q, tau).label
 
 
-for _name, _resolver in (("backbone_row", backbone_row), ("threshold_row", threshold_row)):
+def run_tag(*choices: str | None) -> str:
+    """A run folder's name tag: the given config groups' choices, in order, each once, unset ones left out.
+
+    Called with the ``pruning``, ``threshold`` and ``row`` choices, so a swept threshold or table row shows
+    in the folder name (``percentile25_fixed0.1``, ``none_box_channel``) instead of the preset it overrides.
+    """
+    made = [str(c) for c in choices if c is not None]
+    return "_".join(dict.fromkeys(made)) or "default"
+
+
+for _name, _resolver in (
+    ("backbone_row", backbone_row),
+    ("threshold_row", threshold_row),
+    ("run_tag", run_tag),
+):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 
