@@ -12,6 +12,7 @@ plus the run's sparsity per epoch from its ``train.log``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -23,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from prato_exp.cli.common import build_datamodule, check_run_config
+from prato_exp.cli.common import build_datamodule, check_run_config, git_commit
 from prato_exp.lightning.checkpoint import load_checkpoint, load_net_weights
 
 TAUS = (0.1, 0.2, 0.3, 0.5)
@@ -72,7 +73,7 @@ def epoch_sparsity(train_log: Path) -> list[tuple[int, float]]:
     return [(int(m[1]), float(m[2])) for m in SPARSITY_LINE.finditer(train_log.read_text())]
 
 
-def report(run: Path, batch_count: int) -> str:
+def report(run: Path, batch_count: int = 1) -> str:
     """The Markdown summary of ``run``'s scores at initialisation and trained."""
     cfg = OmegaConf.load(run / "config.yaml")
     checkpoint = run / "checkpoints" / "last.ckpt"
@@ -87,9 +88,17 @@ def report(run: Path, batch_count: int) -> str:
     load_net_weights(net, load_checkpoint(checkpoint), checkpoint)
     rows["trained (last.ckpt)"] = summarise_scores(first_point_scores(net, batches))
     slices = sum(b["image"].shape[0] for b in batches)
+    metrics_path = run / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    described = metrics.get("report", {})
     lines = [
-        f"Scores s = sigmoid(r) at the first pruning point, {slices} validation slices of `{run}` "
-        "(oracle tight boxes).",
+        f"## PrATo scores of {described.get('table', 'a run')} {described.get('row', '')}, seed {cfg.seed}",
+        "",
+        f"Scores s = sigmoid(r) at the first pruning point, on the first {slices} validation slices "
+        "(box prompts: oracle boxes from the ground truth, as the run was validated with).",
+        f"Command: `python scripts/score_distribution.py <run> --batches {batch_count}` at commit "
+        f"{git_commit()}; the run `{run.name}` trained at commit "
+        f"{metrics.get('environment', {}).get('commit', 'not recorded')}.",
         "",
         "| weights | "
         + " | ".join(f"q{int(q * 100)}" for q in QUANTILES)
