@@ -114,7 +114,9 @@ def report(run: Path, batch_count: int = 1) -> str:
     if sparsity:
         lines += [
             "",
-            "Validation sparsity per epoch: " + ", ".join(f"{e}: {s:.3f}" for e, s in sparsity) + ".",
+            "Validation sparsity per epoch: "
+            + ", ".join(f"{epoch}: {value:.3f}" for epoch, value in sparsity)
+            + ".",
         ]
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ def test_fraction_above_each_tau_counts_strictly_greater_scores():
     assert scores_script.summarise_scores(scores).above == (0.75, 0.625, 0.375, 0.25)
 
 
-def test_median_of_the_scores_is_the_middle_quantile():
+def test_quantiles_of_evenly_spread_scores_are_their_levels():
     scores = torch.linspace(0, 1, 101)[None]
     assert scores_script.summarise_scores(scores).quantiles == (0.05, 0.25, 0.5, 0.75, 0.95)
 
