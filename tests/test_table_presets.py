@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from prato_exp.cli.common import CONFIG_DIR
 from prato_exp.report.cli import report
+from prato_exp.report.tables import paper_spec
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = [c for c in group_choices("experiment") if c.startswith("table")]
@@ -163,6 +164,12 @@ def test_table_preset_sweeps_its_rows_over_seeds_0_1_2(experiment):
     assert all(seeds == {0, 1, 2} for seeds in rows.values())
     references = {cfg.report.reference_row for cfg in jobs}
     assert references <= set(rows) or experiment == "table5_backbones"
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED_ROWS))
+def test_every_row_a_preset_makes_has_its_place_in_the_paper_order(experiment):
+    """A row missing from ``paper_values.yaml`` would be published after the paper's rows, out of place."""
+    assert EXPECTED_ROWS[experiment] <= set(paper_spec(experiment)["rows"])
 
 
 def test_table5_compares_each_backbone_with_its_own_prato_row():
