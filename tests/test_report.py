@@ -151,7 +151,7 @@ def make_run(
         flat["val/case/size_ratio_mean"] = size_ratio
     if kind == "train":
         metrics.update(
-            choices={"dataset": dataset, "model": "unetr_small"},
+            choices={"dataset": dataset, "model": "unetr_small", "experiment": table},
             seed=seed,
             val=flat,
             test=None,
@@ -307,6 +307,11 @@ def test_rescored_table_names_its_eval_command(out):
     text = (out / "table6_prompts_acdc.md").read_text()
     assert "`python eval.py -m rescore=table6_prompts ckpt=<run>/checkpoints/best-<epoch>.ckpt`" in text
     assert "python train.py" not in text
+
+
+def test_trained_table_names_its_preset_and_dataset(out):
+    text = (out / "table5_backbones_isic.md").read_text()
+    assert "`python train.py -m experiment=table5_backbones dataset=isic`" in text
 
 
 def test_recorded_rescore_choice_wins_over_the_table_name(tmp_path):

@@ -655,11 +655,16 @@ def budget_lines(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def _command_lines(runs: Sequence[RunRecord]) -> list[str]:
-    """The commands that made the runs: a training preset's sweep, or an eval preset over checkpoints."""
+    """The commands that made the runs: a training preset's sweep on the table's dataset (named, since a
+    preset's default dataset is ACDC), or an eval preset over checkpoints."""
     lines = []
     trained = [r for r in runs if r.kind == "train"]
     if _values(trained, "experiment"):
-        commands = "; ".join(f"`python train.py -m experiment={e}`" for e in _values(trained, "experiment"))
+        commands = "; ".join(
+            f"`python train.py -m experiment={e} dataset={d}`"
+            for e in _values(trained, "experiment")
+            for d in _values([r for r in trained if r.experiment == e], "dataset")
+        )
         seeds = ", ".join(_values(trained, "seed"))
         lines.append(f"Command: {commands} (the preset's sweep; the runs here: seeds {seeds}).")
     rescored = [r for r in runs if r.kind == "eval"]
